@@ -1,0 +1,1 @@
+"""trimask: interactive annotation with Segment Anything."""
