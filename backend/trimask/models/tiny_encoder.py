@@ -1,0 +1,120 @@
+"""The image encoder of the embedded ``tiny`` model.
+
+Same interface as SAM's ViT encoders: a normalized, zero-padded
+``B x 3 x 1024 x 1024`` input becomes a ``B x 256 x 64 x 64`` embedding that
+the standard SAM prompt encoder and mask decoder consume. It is small enough
+to train on a CPU: it looks at a 256 x 256 downscaled copy of the input
+(average pooling by 4), so every feature map is at most 128 x 128.
+
+Layout: a strided conv stem to 64 x 64, depthwise-separable residual blocks at
+64 x 64 (local colour/texture boundaries, for subparts and parts) and a small
+context branch at 32 and 16 (which pixels belong to the same object, for
+wholes), fused back at 64 x 64 and projected to 256 channels with a
+LayerNorm2d neck like SAM's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _LayerNorm2d(nn.Module):
+    """Channel LayerNorm over ``B x C x H x W`` (as SAM's neck uses)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class _ConvBNAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1, groups: int = 1, dilation: int = 1) -> None:
+        pad = dilation * (kernel - 1) // 2
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, groups=groups, bias=False),
+            nn.GroupNorm(8, cout),
+            nn.GELU(),
+        )
+
+
+class _SepResBlock(nn.Module):
+    """Depthwise (optionally dilated) 3x3 + pointwise MLP, residual. ``B x C x H x W`` -> same."""
+
+    def __init__(self, channels: int, *, dilation: int = 1, expand: int = 2) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 3, 1, dilation, dilation=dilation, groups=channels, bias=False)
+        self.bn = nn.GroupNorm(8, channels)
+        self.pw1 = nn.Conv2d(channels, channels * expand, 1)
+        self.pw2 = nn.Conv2d(channels * expand, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.dw(x))
+        y = self.pw2(F.gelu(self.pw1(y)))
+        return x + y
+
+
+class TinyImageEncoder(nn.Module):
+    """Small conv encoder: ``B x 3 x 1024 x 1024`` -> ``B x out_chans x 64 x 64``."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 1024,
+        work_size: int = 256,
+        width: int = 96,
+        context_width: int = 128,
+        depth: int = 4,
+        out_chans: int = 256,
+    ) -> None:
+        super().__init__()
+        if img_size % work_size or work_size % 4:
+            raise ValueError("work_size must divide img_size and be a multiple of 4")
+        self.img_size = img_size
+        self.work_size = work_size
+        self.stem = nn.Sequential(
+            _ConvBNAct(3, 32, stride=2),  # work/2
+            _ConvBNAct(32, 32),
+            _ConvBNAct(32, width, stride=2),  # work/4 = 64 for the defaults
+        )
+        self.local_blocks = nn.Sequential(
+            *[_SepResBlock(width, dilation=d) for d in (1, 2, 1, 3)[:depth]]
+        )
+        # Context: two more halvings, a few blocks, then back up.
+        self.down1 = _ConvBNAct(width, context_width, stride=2)
+        self.down2 = _ConvBNAct(context_width, context_width, stride=2)
+        self.context_blocks = nn.Sequential(
+            _SepResBlock(context_width, dilation=1),
+            _SepResBlock(context_width, dilation=2),
+            _SepResBlock(context_width, dilation=4),
+        )
+        self.mid_blocks = nn.Sequential(_SepResBlock(context_width, dilation=2))
+        self.fuse = nn.Conv2d(width + context_width, out_chans, 1, bias=False)
+        self.neck = nn.Sequential(
+            _LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False),
+            _LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``B x 3 x img_size x img_size`` normalized and zero-padded -> ``B x 256 x 64 x 64``."""
+        factor = self.img_size // self.work_size
+        if x.shape[-1] != self.work_size:
+            x = F.avg_pool2d(x, factor)  # area downscale; keeps padded zeros zero
+        return self.forward_work(x)
+
+    def forward_work(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``B x 3 x work_size x work_size`` (already downscaled) -> ``B x 256 x 64 x 64``."""
+        f64 = self.local_blocks(self.stem(x))
+        c32 = self.down1(f64)
+        c16 = self.context_blocks(self.down2(c32))
+        c32 = self.mid_blocks(c32 + F.interpolate(c16, size=c32.shape[-2:], mode="bilinear", align_corners=False))
+        ctx = F.interpolate(c32, size=f64.shape[-2:], mode="bilinear", align_corners=False)
+        return self.neck(self.fuse(torch.cat([f64, ctx], dim=1)))
