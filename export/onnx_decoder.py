@@ -1,0 +1,283 @@
+"""SAM's prompt encoder + mask decoder as one ONNX graph for the browser.
+
+The graph answers one click (or box, or refinement) for an image whose
+embedding was computed on the server. It is a thin wrapper over the model's
+own ``prompt_encoder`` and ``mask_decoder`` (``_embed_points``,
+``_embed_masks``, ``predict_masks``): it adds only the mask-input switch, the
+display outputs and the export itself.
+
+Inputs (as in the official SAM ONNX export):
+
+- ``image_embeddings`` f32 [1, 256, 64, 64]
+- ``point_coords`` f32 [1, N, 2], (x, y) in the 1024-longest-side frame, N >= 1
+- ``point_labels`` f32 [1, N]: 1 foreground, 0 background, 2 / 3 top-left /
+  bottom-right box corner, -1 padding point (add one ``(0, 0), -1`` when
+  there is no box, as SAM does)
+- ``mask_input`` f32 [1, 1, 256, 256]: a previous ``low_res_masks`` token
+- ``has_mask_input`` f32 [1]: 1 to use ``mask_input``, 0 to ignore it
+- ``orig_im_size`` f32 [2]: (H, W) of the original image
+
+Outputs:
+
+- ``iou_predictions`` f32 [1, 4]: predicted IoU per mask token
+- ``low_res_masks`` f32 [1, 4, 256, 256]: logits of all four mask tokens
+  (token 0 the single-mask output, tokens 1..3 the multimask candidates), in
+  the padded 256 x 256 frame, exactly the PyTorch decoder's output. The
+  browser turns the accepted token into a full-resolution mask with SAM's
+  postprocessing, and feeds a token back as ``mask_input``.
+- ``display_masks`` uint8 [1, 4, Hd, Wd], 0 or 255: each token's mask for
+  drawing, with Hd, Wd = round(H * s), round(W * s), s = 512 / max(H, W).
+  Pixel (i, j) is the logit surface (SAM's bilinear upsampling of the
+  256 x 256 logits) sampled at the centre of the image region
+  [i H / Hd, (i+1) H / Hd) x [j W / Wd, (j+1) W / Wd), thresholded at > 0;
+  so the display mask covers exactly the image (no padding, no crop error)
+  and is stretched over the whole image when drawn.
+- ``areas`` f32 [1, 4]: the fraction of the image each token's display mask
+  covers (mean of ``display_masks > 0``), to sort candidates into
+  subpart < part < whole without reading the masks.
+
+Why the display outputs are shaped so: the official export returns four
+float masks at full image resolution (4 x H x W x 4 bytes: 25 MB at
+1024 x 1536, 192 MB at 3000 x 4000) whose upsampling dominates a click and
+grows with the image. The browser draws candidates on a screen-sized canvas,
+so it needs coverage, not full resolution: 512 on the long side is about the
+size the image is shown at, the thresholded bilinear surface at that size
+has smooth contours (at 256 the staircase of the 4-pixel blocks shows when
+stretched), the cost is fixed whatever the image size, and four uint8 masks
+are at most 4 x 512 x 512 bytes = 1 MB. The display grid is sampled
+straight from the 256 frame (one half-pixel bilinear ``Resize`` by a scale
+computed from ``orig_im_size``), never materialising the 1024 x 1024
+intermediate of SAM's postprocessing; it is the same bilinear surface SAM
+thresholds, so display and accepted masks agree up to a display pixel.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OPSET = 17
+# Long side of display_masks, in pixels (see the module docstring).
+DISPLAY_LONG_SIDE = 512
+
+INPUT_NAMES = (
+    "image_embeddings",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+    "orig_im_size",
+)
+OUTPUT_NAMES = ("iou_predictions", "low_res_masks", "display_masks", "areas")
+
+
+def resized_size(orig_im_size: torch.Tensor, long_side: float) -> torch.Tensor:
+    """(H, W) f32 [2] -> the size with the longest side ``long_side``, int64 [2].
+
+    Same rounding as SAM's ``ResizeLongestSide`` (floor(x + 0.5)).
+    """
+    size = orig_im_size.to(torch.float32)
+    scale = long_side / torch.max(size)
+    return torch.floor(size * scale + 0.5).to(torch.int64)
+
+
+class _ResizeLinearByScales(torch.autograd.Function):
+    """Half-pixel bilinear resize by given (non-integer) scales, exported as ONNX ``Resize``.
+
+    ``F.interpolate`` exports only constant scales or a target size (which
+    recomputes the scale from the rounded size and shifts the samples); the
+    display grid needs the exact scale, computed in the graph from
+    ``orig_im_size``. Both use the given scale for the coordinate mapping,
+    x_in = (x_out + 0.5) / scale - 0.5 clamped to the input, and output size
+    floor(size * scale).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        factors = (float(scales[2]), float(scales[3]))
+        return F.interpolate(
+            x, scale_factor=factors, mode="bilinear", align_corners=False, recompute_scale_factor=False
+        )
+
+    @staticmethod
+    def symbolic(g, x, scales):  # noqa: D102
+        roi = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+        return g.op(
+            "Resize", x, roi, scales, mode_s="linear", coordinate_transformation_mode_s="half_pixel"
+        )
+
+
+class DecoderOnnx(nn.Module):
+    """One click of SAM: prompts + image embedding -> 4 masks, scores, display masks.
+
+    Args:
+        sam: a model with ``prompt_encoder`` and ``mask_decoder`` (SAM's modules;
+            their parameters are shared, not copied) and ``mask_threshold``.
+        display_long_side: long side of ``display_masks`` in pixels.
+    """
+
+    def __init__(self, sam: nn.Module, *, display_long_side: int = DISPLAY_LONG_SIDE) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.mask_threshold = float(getattr(sam, "mask_threshold", 0.0))
+        self.input_size = int(self.prompt_encoder.input_image_size[0])
+        self.low_res_size = int(self.prompt_encoder.mask_input_size[0])
+        self.display_long_side = int(display_long_side)
+
+    def embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """1 x 1 x 256 x 256 logits, [1] flag -> 1 x C x 64 x 64 dense embedding.
+
+        A blend instead of a branch so one graph serves both cases.
+        """
+        pe = self.prompt_encoder
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask_input * pe._embed_masks(mask_input) + (1 - has_mask_input) * no_mask
+
+    def display(self, low_res_masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """1 x T x 256 x 256 logits -> 1 x T x Hd x Wd logits sampled at display pixel centres.
+
+        The image covers (h1, w1) / 4 of the 256 frame, (h1, w1) its size resized
+        to 1024 on the long side. Display row i's centre, (i + 0.5) / Hd of the
+        image height, lies at (i + 0.5) * h1 / (4 Hd) in the 256 frame: that is a
+        half-pixel bilinear resize by the scale 4 Hd / h1, cropped to Hd rows.
+        The input is cropped first to the rows/columns that resize reads.
+        """
+        valid = resized_size(orig_im_size, self.input_size)  # h1, w1
+        size_d = resized_size(orig_im_size, self.display_long_side)  # Hd, Wd
+        ratio = self.input_size // self.low_res_size  # 4
+        # Rows the interpolation can touch: up to ceil(h1 / 4) (the neighbour of the last centre).
+        needed = torch.clamp(torch.div(valid + ratio - 1, ratio, rounding_mode="floor") + 1, max=self.low_res_size)
+        cropped = low_res_masks[:, :, : needed[0], : needed[1]]
+        scale = ratio * size_d.to(torch.float32) / valid.to(torch.float32)
+        scales = torch.cat([torch.ones(2), scale])
+        resized = _ResizeLinearByScales.apply(cropped, scales)
+        return resized[:, :, : size_d[0], : size_d[1]]
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See the module docstring for shapes; returns
+        (iou_predictions, low_res_masks, display_masks, areas)."""
+        # Padding and box corners come in as labelled points, so no padding is added here.
+        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
+        dense = self.embed_mask(mask_input, has_mask_input)
+        low_res_masks, iou_predictions = self.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        inside = self.display(low_res_masks, orig_im_size) > self.mask_threshold
+        display_masks = inside.to(torch.uint8) * 255
+        areas = inside.to(torch.float32).mean(dim=(2, 3))
+        return iou_predictions, low_res_masks, display_masks, areas
+
+
+def example_inputs(num_points: int = 2) -> tuple[torch.Tensor, ...]:
+    """Inputs of the right shapes and dtypes for tracing (values are arbitrary)."""
+    return (
+        torch.randn(1, 256, 64, 64),
+        torch.randint(0, 1024, (1, num_points, 2)).to(torch.float32),
+        torch.tensor([[1.0] * (num_points - 1) + [-1.0]]),
+        torch.randn(1, 1, 256, 256),
+        torch.tensor([1.0]),
+        torch.tensor([1500.0, 2250.0]),
+    )
+
+
+# Output shapes as the browser sees them; tracing leaves them symbolic.
+OUTPUT_SHAPES: dict[str, tuple[int | str, ...]] = {
+    "iou_predictions": (1, 4),
+    "low_res_masks": (1, 4, 256, 256),
+    "display_masks": (1, 4, "display_height", "display_width"),
+    "areas": (1, 4),
+}
+
+
+def _fix_output_shapes(path: Path) -> None:
+    """Write the known output shapes into the graph (static where they are fixed)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims, OUTPUT_SHAPES[output.name]):
+            dim.Clear()
+            if isinstance(value, int):
+                dim.dim_value = value
+            else:
+                dim.dim_param = value
+    onnx.save(model, str(path))
+
+
+def _export_fp32(sam: nn.Module, path: Path) -> None:
+    module = DecoderOnnx(sam).eval()
+    dynamic_axes = {
+        "point_coords": {1: "num_points"},
+        "point_labels": {1: "num_points"},
+        "display_masks": {2: "display_height", 3: "display_width"},
+    }
+    # The tracer warns about Python scalars (e.g. sqrt of the head size) that are
+    # constants of the architecture anyway; keep the CLI output clean.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            example_inputs(),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    _fix_output_shapes(path)
+
+
+def quantize_file(src: Path, dst: Path) -> None:
+    """Dynamic uint8 weight quantization (weights uint8, activations quantized per call)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        model_input=str(src),
+        model_output=str(dst),
+        per_channel=False,
+        reduce_range=False,
+        weight_type=QuantType.QUInt8,
+    )
+
+
+def export_decoder(sam: nn.Module, out_path: str | Path, *, quantize: bool = False) -> Path:
+    """Export ``sam``'s prompt encoder + mask decoder to ``out_path`` (ONNX, opset 17).
+
+    Written to a temporary file next to ``out_path`` and moved into place, so a
+    reader never sees a partial file. Returns ``out_path``.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
+        fp32 = Path(tmp) / "decoder.onnx"
+        _export_fp32(sam, fp32)
+        onnx.checker.check_model(str(fp32), full_check=True)
+        final = fp32
+        if quantize:
+            final = Path(tmp) / "decoder.quant.onnx"
+            quantize_file(fp32, final)
+            onnx.checker.check_model(str(final))
+        os.replace(final, out_path)
+    return out_path
