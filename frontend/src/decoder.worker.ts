@@ -1,0 +1,132 @@
+/// <reference lib="webworker" />
+/**
+ * Runs decoder.onnx in onnxruntime-web off the main thread. Holds the current
+ * image's embedding as an ORT tensor so each decode only sends the prompt.
+ */
+import * as ortWasm from "onnxruntime-web/wasm";
+import { float16ToFloat32 } from "./float16";
+import type { DecodeRequest, DecoderStyle, InitRequest, WorkerMessage, WorkerRequest } from "./worker_protocol";
+
+type Ort = typeof ortWasm;
+
+const EMBEDDING_DIMS = [1, 256, 64, 64];
+const LOW_RES = 256;
+
+let ort: Ort = ortWasm;
+let session: ortWasm.InferenceSession | null = null;
+let style: DecoderStyle = "trimask";
+let embedding: ortWasm.Tensor | null = null;
+let embeddingImageId = -1;
+const zeroMask = new Float32Array(LOW_RES * LOW_RES);
+
+const post = (msg: WorkerMessage, transfer: Transferable[] = []) => (self as DedicatedWorkerGlobalScope).postMessage(msg, transfer);
+
+/** A typed array that owns its whole (non-shared) buffer, so it can be transferred. */
+function owned<T extends Uint8Array | Float32Array>(a: T): T {
+  const whole = a.byteOffset === 0 && a.byteLength === a.buffer.byteLength;
+  return whole && a.buffer instanceof ArrayBuffer ? a : (a.slice() as T);
+}
+
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+async function init(req: InitRequest): Promise<void> {
+  let backend = req.backend;
+  if (backend === "webgpu") {
+    if ("gpu" in navigator) {
+      ort = (await import("onnxruntime-web/webgpu")) as unknown as Ort;
+    } else {
+      backend = "wasm"; // no WebGPU in this browser: WASM is always there
+    }
+  }
+  ort.env.wasm.wasmPaths = req.wasmPaths;
+  ort.env.wasm.numThreads = req.numThreads;
+  ort.env.logLevel = "error";
+  const response = await fetch(req.modelUrl);
+  if (!response.ok) throw new Error(`could not download the decoder (${req.modelUrl}: HTTP ${response.status})`);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  style = req.style;
+  session = await ort.InferenceSession.create(bytes, {
+    executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"],
+    graphOptimizationLevel: "all",
+  });
+  post({ type: "ready", backend, numThreads: req.numThreads });
+}
+
+function setEmbedding(imageId: number, fp16: ArrayBuffer): void {
+  embedding = new ort.Tensor("float32", float16ToFloat32(fp16), EMBEDDING_DIMS);
+  embeddingImageId = imageId;
+  post({ type: "embedding-ready", imageId });
+}
+
+/** Official export style: threshold the four full-resolution logit maps here, as SAM's demo does. */
+function officialOutputs(masks: ortWasm.Tensor): { display: Uint8Array; areas: Float32Array; h: number; w: number } {
+  const [, tokens, h, w] = masks.dims as number[];
+  const logits = masks.data as Float32Array;
+  const display = new Uint8Array(tokens * h * w);
+  const areas = new Float32Array(tokens);
+  for (let t = 0; t < tokens; t++) {
+    let count = 0;
+    const base = t * h * w;
+    for (let i = 0; i < h * w; i++) {
+      if (logits[base + i] > 0) {
+        display[base + i] = 255;
+        count++;
+      }
+    }
+    areas[t] = count / (h * w);
+  }
+  return { display, areas, h, w };
+}
+
+async function decode(req: DecodeRequest): Promise<void> {
+  if (!session) throw new Error("the decoder is not loaded");
+  if (!embedding || embeddingImageId !== req.imageId) throw new Error("no embedding for this image");
+  const t0 = performance.now();
+  const n = req.labels.length;
+  const feeds: Record<string, ortWasm.Tensor> = {
+    image_embeddings: embedding,
+    point_coords: new ort.Tensor("float32", req.coords, [1, n, 2]),
+    point_labels: new ort.Tensor("float32", req.labels, [1, n]),
+    mask_input: new ort.Tensor("float32", req.maskInput ?? zeroMask, [1, 1, LOW_RES, LOW_RES]),
+    has_mask_input: new ort.Tensor("float32", new Float32Array([req.maskInput ? 1 : 0]), [1]),
+    orig_im_size: new ort.Tensor("float32", new Float32Array(req.origHw), [2]),
+  };
+  if (style === "official") {
+    const out = await session.run(feeds, ["masks", "iou_predictions", "low_res_masks"]);
+    const { display, areas, h, w } = officialOutputs(out.masks);
+    const iou = out.iou_predictions.data as Float32Array;
+    const lowRes = owned(out.low_res_masks.data as Float32Array);
+    const msg: WorkerMessage = { type: "result", id: req.id, iou, areas, display, displayH: h, displayW: w, lowRes, decodeMs: performance.now() - t0 };
+    post(msg, [display.buffer, lowRes.buffer]);
+    return;
+  }
+  const out = await session.run(feeds, ["iou_predictions", "low_res_masks", "display_masks", "areas"]);
+  const dims = out.display_masks.dims as number[];
+  const display = owned(out.display_masks.data as Uint8Array);
+  const lowRes = owned(out.low_res_masks.data as Float32Array);
+  const msg: WorkerMessage = {
+    type: "result",
+    id: req.id,
+    iou: out.iou_predictions.data as Float32Array,
+    areas: out.areas.data as Float32Array,
+    display,
+    displayH: dims[2],
+    displayW: dims[3],
+    lowRes,
+    decodeMs: performance.now() - t0,
+  };
+  post(msg, [display.buffer, lowRes.buffer]);
+}
+
+self.onmessage = async (event: MessageEvent<WorkerRequest>) => {
+  const req = event.data;
+  try {
+    if (req.type === "init") await init(req);
+    else if (req.type === "embedding") setEmbedding(req.imageId, req.fp16);
+    else if (req.type === "decode") await decode(req);
+  } catch (e) {
+    post({ type: "error", id: req.type === "decode" ? req.id : null, message: errorText(e) });
+  }
+};

@@ -1,0 +1,520 @@
+/**
+ * The controller: turns pointer and key input into session functions, carries
+ * out their effects (decoder, HTTP) and asks the view to draw the new state.
+ */
+import { api, ApiError } from "./api";
+import { encodeMask } from "./coco_rle";
+import { clientToImage, IDENTITY_VIEW, imageToFrame, panBy, zoomAt, type ViewTransform } from "./coordinates";
+import { DecoderClient, type DecodeKind } from "./decoder_client";
+import { postprocessLowRes } from "./mask_postprocess";
+import {
+  addCategory,
+  addPoint,
+  annotationBody,
+  applyResult,
+  bestCandidate,
+  candidatesFor,
+  chooseIndex,
+  chooseLevel,
+  chosenCandidate,
+  clearPrompt,
+  createSession,
+  deleteObject,
+  isPromptEmpty,
+  LOW_RES_PIXELS,
+  objectSaved,
+  openImage,
+  redo,
+  relabelObject,
+  replaceObjectId,
+  selectObject,
+  setBox,
+  setCurrentCategory,
+  toggleHidden,
+  undo,
+  type DecodeOutput,
+  type Effect,
+  type SessionState,
+} from "./session";
+import { readSettings } from "./settings";
+import { installTimings } from "./timings";
+import type { Category, ImageInfo } from "./types";
+import { View } from "./view";
+import { encodePromptInputs } from "./worker_protocol";
+
+const DRAG_THRESHOLD_PX = 4;
+const LAST_CATEGORY_KEY = "trimask.lastCategory";
+
+const settings = readSettings(location.search, navigator.hardwareConcurrency, self.crossOriginIsolated);
+const timings = installTimings();
+const view = new View();
+
+let state: SessionState = createSession();
+let images: ImageInfo[] = [];
+let imageIndex = -1;
+let viewTransform: ViewTransform = IDENTITY_VIEW;
+let openToken = 0;
+let embeddingReady = false;
+let decoderReady = false;
+let saving = false;
+let hoverPreview: { out: DecodeOutput; token: number } | null = null;
+
+const decoder = new DecoderClient({
+  modelUrl: settings.decoderUrl ?? api.decoderUrl(settings.quantized),
+  backend: settings.backend,
+  numThreads: settings.numThreads,
+  wasmPaths: "/ort/",
+  style: settings.style,
+});
+decoder.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
+
+function setState(next: SessionState): void {
+  state = next;
+  draw();
+}
+
+function draw(): void {
+  view.draw(state, { hover: hoverPreview, view: viewTransform, ready: isReady() });
+}
+
+function isReady(): boolean {
+  return embeddingReady && decoderReady && state.image !== null;
+}
+
+function reportError(e: unknown): void {
+  const message = e instanceof ApiError || e instanceof Error ? e.message : String(e);
+  view.showError(message);
+}
+
+// ---------------------------------------------------------------- images
+
+function updateNavigation(): void {
+  const done = images.filter((im) => im.num_annotations > 0).length;
+  view.setNavigation(imageIndex, images.length, state.image?.file_name ?? "", done);
+}
+
+async function openImageAt(index: number): Promise<void> {
+  if (index < 0 || index >= images.length) return;
+  const token = ++openToken;
+  const t0 = performance.now();
+  imageIndex = index;
+  const image = images[index];
+  embeddingReady = false;
+  hoverPreview = null;
+  decoder.cancelHover();
+  viewTransform = IDENTITY_VIEW;
+  history.replaceState(null, "", withImageParam(image.id));
+  setState(openImage(state, image, []));
+  view.setLoading("Computing the image embedding…");
+  view.setImage(image);
+  updateNavigation();
+  try {
+    const [objects, embedding] = await Promise.all([api.annotations(image.id), api.embedding(image.id), view.imageLoaded()]);
+    if (token !== openToken) return;
+    setState({ ...state, objects });
+    view.setLoading("Loading the decoder…");
+    await decoder.ready();
+    await decoder.setEmbedding(image.id, embedding.fp16);
+    if (token !== openToken) return;
+    embeddingReady = true;
+    timings.open.push(performance.now() - t0);
+    view.clearError();
+    draw();
+  } catch (e) {
+    if (token !== openToken) return;
+    view.setLoading("This image could not be loaded.");
+    reportError(e);
+  }
+}
+
+function withImageParam(id: number): string {
+  const q = new URLSearchParams(location.search);
+  q.set("image", String(id));
+  return `${location.pathname}?${q.toString()}`;
+}
+
+// ---------------------------------------------------------------- decoding
+
+function decodeJob(kind: DecodeKind, s: SessionState) {
+  const image = s.image!;
+  const toFrame = ([x, y]: [number, number]) => imageToFrame(x, y, image.height, image.width);
+  const points = s.prompt.points.map(toFrame);
+  let box: [number, number, number, number] | null = null;
+  if (s.prompt.box) {
+    const [x0, y0] = toFrame([s.prompt.box[0], s.prompt.box[1]]);
+    const [x1, y1] = toFrame([s.prompt.box[2], s.prompt.box[3]]);
+    box = [x0, y0, x1, y1];
+  }
+  const inputs = encodePromptInputs(points, s.prompt.labels, box);
+  return {
+    kind,
+    imageId: image.id,
+    coords: inputs.coords,
+    labels: inputs.labels,
+    maskInput: s.prompt.maskInput,
+    origHw: [image.height, image.width] as [number, number],
+  };
+}
+
+/** Decodes the current prompt; the result is kept only if the prompt has not changed meanwhile. */
+async function decodePrompt(t0: number): Promise<void> {
+  if (!isReady() || isPromptEmpty(state.prompt)) return;
+  const version = state.promptVersion;
+  try {
+    const out = await decoder.decode(decodeJob("click", state));
+    if (!out) return;
+    const before = state;
+    setState(applyResult(state, version, out));
+    if (state !== before) {
+      timings.click.push(performance.now() - t0);
+      timings.decode.push(out.decodeMs);
+    }
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+async function hoverAt(x: number, y: number, t0: number): Promise<void> {
+  if (!isReady() || !isPromptEmpty(state.prompt)) return;
+  const image = state.image!;
+  const [fx, fy] = imageToFrame(x, y, image.height, image.width);
+  const inputs = encodePromptInputs([[fx, fy]], [1], null);
+  try {
+    const version = state.promptVersion;
+    const out = await decoder.decode({
+      kind: "hover",
+      imageId: image.id,
+      coords: inputs.coords,
+      labels: inputs.labels,
+      maskInput: null,
+      origHw: [image.height, image.width],
+    });
+    // A click or another image since then makes this preview stale.
+    if (!out || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
+    const candidates = candidatesFor(out, true);
+    hoverPreview = { out, token: candidates[bestCandidate(candidates)].token };
+    draw();
+    timings.hover.push(performance.now() - t0);
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+function clearHover(): void {
+  decoder.cancelHover();
+  if (hoverPreview) {
+    hoverPreview = null;
+    draw();
+  }
+}
+
+// ---------------------------------------------------------------- saving and effects
+
+function colorForNewCategory(): string {
+  return view.categoryColorInput();
+}
+
+async function ensureCategory(): Promise<void> {
+  if (state.currentCategory !== null) return;
+  const created = await api.createCategory("object", colorForNewCategory());
+  setState(addCategory(state, created));
+  localStorage.setItem(LAST_CATEGORY_KEY, String(created.id));
+}
+
+async function acceptChosen(): Promise<void> {
+  const candidate = chosenCandidate(state);
+  if (!candidate || !state.result || !state.image || saving) return;
+  saving = true;
+  try {
+    await ensureCategory();
+    const { image, result } = state;
+    const logits = result.lowRes.subarray(candidate.token * LOW_RES_PIXELS, (candidate.token + 1) * LOW_RES_PIXELS);
+    const rle = encodeMask(postprocessLowRes(logits, image.height, image.width));
+    const body = annotationBody(state, rle);
+    if (!body) return;
+    const imageId = image.id;
+    const saved = await api.createAnnotation(imageId, body);
+    if (state.image?.id !== imageId) return;
+    setState(objectSaved(state, saved));
+    bumpCount(imageId, +1);
+  } catch (e) {
+    reportError(e);
+  } finally {
+    saving = false;
+  }
+}
+
+function bumpCount(imageId: number, delta: number): void {
+  const im = images.find((i) => i.id === imageId);
+  if (im) im.num_annotations = Math.max(0, im.num_annotations + delta);
+  updateNavigation();
+}
+
+/** Carries out undo/redo/edit effects in order; a failure is shown and stops the rest. */
+async function runEffects(effects: Effect[]): Promise<void> {
+  const imageId = state.image?.id;
+  if (imageId === undefined) return;
+  try {
+    for (const effect of effects) {
+      if (effect.type === "decode") void decodePrompt(performance.now());
+      else if (effect.type === "delete") {
+        await api.deleteAnnotation(effect.id);
+        bumpCount(imageId, -1);
+      } else if (effect.type === "create") {
+        const saved = await api.createAnnotation(imageId, effect.body);
+        if (state.image?.id === imageId) setState(replaceObjectId(state, effect.tempId, saved));
+        bumpCount(imageId, +1);
+      } else if (effect.type === "update") {
+        await api.updateAnnotation(effect.id, { category_id: effect.category_id });
+      }
+    }
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+function apply([next, effects]: [SessionState, Effect[]]): void {
+  setState(next);
+  void runEffects(effects);
+}
+
+// ---------------------------------------------------------------- categories
+
+async function loadCategories(): Promise<void> {
+  const categories = await api.categories();
+  const last = Number(localStorage.getItem(LAST_CATEGORY_KEY));
+  state = createSession(categories, categories.some((c) => c.id === last) ? last : null);
+}
+
+async function createCategory(name: string, color: string): Promise<void> {
+  try {
+    const created: Category = await api.createCategory(name, color);
+    setState(addCategory(state, { ...created, color: created.color ?? color }));
+    view.rememberColor(created.id, created.color ?? color);
+    localStorage.setItem(LAST_CATEGORY_KEY, String(created.id));
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+// ---------------------------------------------------------------- input
+
+let pointerOnStage = false;
+let press: { x: number; y: number; button: number; shift: boolean; t: number } | null = null;
+let dragBox: [number, number, number, number] | null = null;
+let panning: { x: number; y: number } | null = null;
+let spaceHeld = false;
+
+function imagePoint(e: MouseEvent): [number, number] {
+  const image = state.image!;
+  return clientToImage(e.clientX, e.clientY, view.stageBox(), viewTransform, image.width, image.height);
+}
+
+function onMouseDown(e: MouseEvent): void {
+  if (!state.image) return;
+  if (e.button === 1 || (e.button === 0 && spaceHeld)) {
+    panning = { x: e.clientX, y: e.clientY };
+    view.setPanning(true);
+    e.preventDefault();
+    return;
+  }
+  if (e.button === 0 || e.button === 2) press = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey, t: e.timeStamp };
+}
+
+function onMouseMove(e: MouseEvent): void {
+  if (panning) {
+    viewTransform = panBy(viewTransform, e.clientX - panning.x, e.clientY - panning.y, view.stageBox());
+    panning = { x: e.clientX, y: e.clientY };
+    draw();
+    return;
+  }
+  if (!state.image) return;
+  if (press && press.button === 0) {
+    const moved = Math.hypot(e.clientX - press.x, e.clientY - press.y) > DRAG_THRESHOLD_PX;
+    if (moved || dragBox) {
+      const start = clientToImage(press.x, press.y, view.stageBox(), viewTransform, state.image.width, state.image.height);
+      const [x, y] = imagePoint(e);
+      dragBox = [start[0], start[1], x, y];
+      clearHover();
+      view.drawDragBox(dragBox, state, viewTransform);
+    }
+    return;
+  }
+  if (pointerOnStage && !press) {
+    const [x, y] = imagePoint(e);
+    void hoverAt(x, y, performance.now());
+  }
+}
+
+function onMouseUp(e: MouseEvent): void {
+  if (panning) {
+    panning = null;
+    view.setPanning(false);
+    return;
+  }
+  const p = press;
+  press = null;
+  if (!p || !state.image || !isReady()) {
+    dragBox = null;
+    return;
+  }
+  const t0 = performance.now();
+  if (dragBox) {
+    const [x0, y0, x1, y1] = clampBox(dragBox);
+    dragBox = null;
+    if (Math.abs(x1 - x0) >= 1 && Math.abs(y1 - y0) >= 1) {
+      clearHover();
+      setState(setBox(state, x0, y0, x1, y1));
+      void decodePrompt(t0);
+    } else draw();
+    return;
+  }
+  if (!pointerOnStage) return;
+  const [x, y] = imagePoint(e);
+  const label = p.button === 2 || p.shift ? 0 : 1;
+  clearHover();
+  setState(addPoint(state, x, y, label));
+  void decodePrompt(t0);
+}
+
+function clampBox(b: [number, number, number, number]): [number, number, number, number] {
+  const w = state.image!.width;
+  const h = state.image!.height;
+  const cx = (v: number) => Math.min(w, Math.max(0, v));
+  const cy = (v: number) => Math.min(h, Math.max(0, v));
+  return [cx(b[0]), cy(b[1]), cx(b[2]), cy(b[3])];
+}
+
+function onWheel(e: WheelEvent): void {
+  if (!state.image) return;
+  e.preventDefault();
+  const box = view.stageBox();
+  viewTransform = zoomAt(viewTransform, e.clientX - box.left, e.clientY - box.top, Math.exp(-e.deltaY * 0.0015), box);
+  draw();
+}
+
+function isTyping(target: EventTarget | null): boolean {
+  return target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement || target instanceof HTMLSelectElement;
+}
+
+function onKeyDown(e: KeyboardEvent): void {
+  if (isTyping(e.target)) return;
+  const ctrl = e.ctrlKey || e.metaKey;
+  if (ctrl && (e.key === "z" || e.key === "Z")) {
+    e.preventDefault();
+    clearHover();
+    apply(e.shiftKey ? redo(state) : undo(state));
+    return;
+  }
+  if (ctrl && (e.key === "y" || e.key === "Y")) {
+    e.preventDefault();
+    apply(redo(state));
+    return;
+  }
+  if (ctrl || e.altKey) return;
+  switch (e.key) {
+    case "1":
+    case "2":
+    case "3":
+      setState(chooseLevel(state, (["subpart", "part", "whole"] as const)[Number(e.key) - 1]));
+      break;
+    case "Enter":
+      e.preventDefault();
+      void acceptChosen();
+      break;
+    case "Escape":
+      clearHover();
+      setState(clearPrompt(state));
+      break;
+    case "ArrowRight":
+      e.preventDefault();
+      void openImageAt(imageIndex + 1);
+      break;
+    case "ArrowLeft":
+      e.preventDefault();
+      void openImageAt(imageIndex - 1);
+      break;
+    case "0":
+      viewTransform = IDENTITY_VIEW;
+      draw();
+      break;
+    case " ":
+      spaceHeld = true;
+      view.setPanning(true);
+      e.preventDefault();
+      break;
+  }
+}
+
+function onKeyUp(e: KeyboardEvent): void {
+  if (e.key === " ") {
+    spaceHeld = false;
+    if (!panning) view.setPanning(false);
+  }
+}
+
+function wireInput(): void {
+  const stage = view.stage;
+  stage.addEventListener("mousedown", onMouseDown);
+  stage.addEventListener("contextmenu", (e) => e.preventDefault());
+  stage.addEventListener("wheel", onWheel, { passive: false });
+  stage.addEventListener("mouseenter", () => (pointerOnStage = true));
+  stage.addEventListener("mouseleave", () => {
+    pointerOnStage = false;
+    clearHover();
+  });
+  window.addEventListener("mousemove", onMouseMove);
+  window.addEventListener("mouseup", onMouseUp);
+  window.addEventListener("keydown", onKeyDown);
+  window.addEventListener("keyup", onKeyUp);
+  window.addEventListener("resize", () => {
+    if (state.image) view.layout(state.image);
+    viewTransform = IDENTITY_VIEW;
+    draw();
+  });
+
+  view.onCandidate = (i) => setState(chooseIndex(state, i));
+  view.onPrev = () => void openImageAt(imageIndex - 1);
+  view.onNext = () => void openImageAt(imageIndex + 1);
+  view.onCategory = (id) => {
+    setState(setCurrentCategory(state, id));
+    localStorage.setItem(LAST_CATEGORY_KEY, String(id));
+  };
+  view.onAddCategory = (name, color) => void createCategory(name, color);
+  view.onSelectObject = (id) => setState(selectObject(state, id));
+  view.onToggleHidden = (id) => setState(toggleHidden(state, id));
+  view.onDeleteObject = (id) => apply(deleteObject(state, id));
+  view.onRelabelObject = (id, categoryId) => apply(relabelObject(state, id, categoryId));
+}
+
+// ---------------------------------------------------------------- start
+
+async function start(): Promise<void> {
+  wireInput();
+  decoder
+    .ready()
+    .then((info) => {
+      decoderReady = true;
+      view.setStatus(`decoder: ${info.backend}${info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : ""}`);
+      draw();
+    })
+    .catch(() => {
+      /* onFatal has shown the message */
+    });
+  try {
+    await loadCategories();
+    images = await api.images();
+  } catch (e) {
+    view.setLoading("The server did not answer.");
+    reportError(e);
+    return;
+  }
+  if (images.length === 0) {
+    view.setLoading("No images: start the server with --images DIR holding .jpg or .png files.");
+    return;
+  }
+  const wanted = images.findIndex((im) => im.id === settings.imageId);
+  await openImageAt(wanted >= 0 ? wanted : 0);
+}
+
+void start();

@@ -1,0 +1,28 @@
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID). */
+import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
+
+export interface Settings {
+  backend: ExecutionBackend;
+  numThreads: number;
+  quantized: boolean;
+  style: DecoderStyle;
+  /** Overrides the decoder URL (the benchmark uses it for the official export style). */
+  decoderUrl: string | null;
+  imageId: number | null;
+}
+
+export function readSettings(search: string, hardwareConcurrency: number, crossOriginIsolated: boolean): Settings {
+  const q = new URLSearchParams(search);
+  const threads = Number(q.get("threads"));
+  // Multi-threaded WASM needs SharedArrayBuffer, which needs cross-origin isolation (COOP/COEP).
+  const maxThreads = crossOriginIsolated ? Math.max(1, hardwareConcurrency || 1) : 1;
+  const image = q.get("image");
+  return {
+    backend: q.get("backend") === "webgpu" ? "webgpu" : "wasm",
+    numThreads: threads > 0 ? Math.min(threads, maxThreads) : maxThreads,
+    quantized: q.get("quantized") === "1",
+    style: q.get("style") === "official" ? "official" : "trimask",
+    decoderUrl: q.get("decoder"),
+    imageId: image !== null && /^\d+$/.test(image) ? Number(image) : null,
+  };
+}

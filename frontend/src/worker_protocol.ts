@@ -1,0 +1,99 @@
+/** Messages between the page and the decoder Web Worker (decoder.worker.ts). */
+
+export type ExecutionBackend = "wasm" | "webgpu";
+
+/**
+ * "trimask": our decoder.onnx (iou_predictions, low_res_masks, display_masks, areas).
+ * "official": SAM's own export style (masks at full image resolution), for the benchmark.
+ */
+export type DecoderStyle = "trimask" | "official";
+
+export interface InitRequest {
+  type: "init";
+  modelUrl: string;
+  backend: ExecutionBackend;
+  numThreads: number;
+  wasmPaths: string;
+  style: DecoderStyle;
+}
+
+export interface EmbeddingRequest {
+  type: "embedding";
+  imageId: number;
+  /** Raw little-endian float16 bytes of [1, 256, 64, 64] (transferred). */
+  fp16: ArrayBuffer;
+}
+
+export interface DecodeRequest {
+  type: "decode";
+  id: number;
+  imageId: number;
+  /** Points in SAM's 1024 frame, flattened [x0, y0, x1, y1, ...], box corners included. */
+  coords: Float32Array;
+  /** One label per point: 1 fg, 0 bg, 2/3 box corners, -1 padding. */
+  labels: Float32Array;
+  /** [256 x 256] logits, or null for none. */
+  maskInput: Float32Array | null;
+  /** Original image (H, W). */
+  origHw: [number, number];
+}
+
+export type WorkerRequest = InitRequest | EmbeddingRequest | DecodeRequest;
+
+export interface ReadyMessage {
+  type: "ready";
+  backend: ExecutionBackend;
+  numThreads: number;
+}
+
+export interface EmbeddingReadyMessage {
+  type: "embedding-ready";
+  imageId: number;
+}
+
+export interface ResultMessage {
+  type: "result";
+  id: number;
+  iou: Float32Array;
+  areas: Float32Array;
+  display: Uint8Array;
+  displayH: number;
+  displayW: number;
+  lowRes: Float32Array;
+  /** Time spent in session.run plus output handling, ms. */
+  decodeMs: number;
+}
+
+export interface ErrorMessage {
+  type: "error";
+  /** The decode request's id, or null for init/embedding failures. */
+  id: number | null;
+  message: string;
+}
+
+export type WorkerMessage = ReadyMessage | EmbeddingReadyMessage | ResultMessage | ErrorMessage;
+
+/** SAM's prompt encoding: points (+ a padding point when there is no box) then box corners. */
+export function encodePromptInputs(
+  points: [number, number][],
+  labels: number[],
+  box: [number, number, number, number] | null,
+): { coords: Float32Array; labels: Float32Array } {
+  const n = points.length + (box ? 2 : 1);
+  const coords = new Float32Array(n * 2);
+  const lab = new Float32Array(n);
+  points.forEach(([x, y], i) => {
+    coords[2 * i] = x;
+    coords[2 * i + 1] = y;
+    lab[i] = labels[i];
+  });
+  const k = points.length;
+  if (box) {
+    coords.set([box[0], box[1], box[2], box[3]], 2 * k);
+    lab[k] = 2;
+    lab[k + 1] = 3;
+  } else {
+    lab[k] = -1;
+  }
+  return { coords, labels: lab };
+}
