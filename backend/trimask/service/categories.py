@@ -21,18 +21,6 @@ bp = Blueprint("categories", __name__, url_prefix="/api/categories")
 ID = "int(max=4611686018427387903)"
 MAX_NAME_LENGTH = 200
 COLOR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
-# Distinct colours for new categories, in order (Sasha Trubetskoy's list of 20).
-PALETTE = (
-    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
-    "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
-    "#808000", "#ffd8b1", "#000075", "#a9a9a9",
-)
-
-
-def next_color(existing: int) -> str:
-    return PALETTE[existing % len(PALETTE)]
-
-
 def parse_category(body: Any, *, partial: bool) -> dict[str, Any]:
     """Validate a category body; with ``partial`` every field is optional."""
     if not isinstance(body, dict):
@@ -68,7 +56,7 @@ def list_categories() -> Response:
 def create_category() -> Response:
     fields = parse_category(security.parse_json_body(request.get_data(cache=False)), partial=False)
     conn = db()
-    color = fields.get("color") or next_color(len(storage.list_categories(conn)))
+    color = fields.get("color") or storage.default_color(conn)
     category, created = storage.create_category(conn, fields["name"], color, fields.get("supercategory", ""))
     response = jsonify(category)
     response.status_code = 201 if created else 200

@@ -28,6 +28,12 @@ from trimask.errors import TrimaskError
 
 DB_FILENAME = "trimask.sqlite3"
 LEVELS = ("subpart", "part", "whole", "single")
+# Distinct colours given to new categories in turn (Sasha Trubetskoy's list of 20).
+PALETTE = (
+    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+    "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
+    "#808000", "#ffd8b1", "#000075", "#a9a9a9",
+)
 
 
 class NotFoundError(TrimaskError):
@@ -241,12 +247,19 @@ def get_category(conn: sqlite3.Connection, category_id: int) -> dict[str, Any]:
     return category_to_json(row)
 
 
+def default_color(conn: sqlite3.Connection) -> str:
+    """The palette colour for the next new category."""
+    n = conn.execute("SELECT COUNT(*) FROM categories").fetchone()[0]
+    return PALETTE[n % len(PALETTE)]
+
+
 def find_category(conn: sqlite3.Connection, name: str) -> dict[str, Any] | None:
     row = conn.execute("SELECT * FROM categories WHERE name = ?", (name,)).fetchone()
     return category_to_json(row) if row else None
 
 
-def _insert_category(conn: sqlite3.Connection, name: str, color: str, supercategory: str) -> dict[str, Any]:
+def insert_category_row(conn: sqlite3.Connection, name: str, color: str, supercategory: str) -> dict[str, Any]:
+    """Insert a category inside the caller's transaction."""
     cur = conn.execute(
         "INSERT INTO categories (name, color, supercategory, created_at) VALUES (?, ?, ?, ?)",
         (name, color, supercategory, now_iso()),
@@ -262,7 +275,7 @@ def create_category(
         existing = find_category(conn, name)
         if existing is not None:
             return existing, False
-        return _insert_category(conn, name, color, supercategory), True
+        return insert_category_row(conn, name, color, supercategory), True
 
 
 def update_category(conn: sqlite3.Connection, category_id: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -353,7 +366,8 @@ def iter_annotations(conn: sqlite3.Connection) -> Iterator[sqlite3.Row]:
     yield from conn.execute("SELECT * FROM annotations ORDER BY id")
 
 
-def _insert_annotation(conn: sqlite3.Connection, f: AnnotationFields) -> int:
+def insert_annotation_row(conn: sqlite3.Connection, f: AnnotationFields) -> int:
+    """Insert an annotation inside the caller's transaction; returns its id."""
     ts = now_iso()
     cur = conn.execute(
         "INSERT INTO annotations (image_id, category_id, height, width, counts, area, bbox, score, level, "
@@ -369,7 +383,7 @@ def _insert_annotation(conn: sqlite3.Connection, f: AnnotationFields) -> int:
 def insert_annotation(conn: sqlite3.Connection, f: AnnotationFields) -> dict[str, Any]:
     with transaction(conn):
         _check_refs(conn, f.image_id, f.category_id)
-        return get_annotation(conn, _insert_annotation(conn, f))
+        return get_annotation(conn, insert_annotation_row(conn, f))
 
 
 def insert_annotations(conn: sqlite3.Connection, items: Iterable[AnnotationFields]) -> int:
@@ -377,7 +391,7 @@ def insert_annotations(conn: sqlite3.Connection, items: Iterable[AnnotationField
     n = 0
     with transaction(conn):
         for f in items:
-            _insert_annotation(conn, f)
+            insert_annotation_row(conn, f)
             n += 1
     return n
 
