@@ -80,6 +80,26 @@ def decode_counts_string(counts: str, limit: int) -> list[int]:
     return runs
 
 
+def canonical_runs(runs: list[int]) -> list[int]:
+    """Merge runs separated by zero-length ones, so equal masks get equal counts.
+
+    ``[0, 2, 0, 3, 15]`` (2 ones, no zeros, 3 ones, 15 zeros) becomes ``[0, 5, 15]``.
+    The first run always counts zeros, so it may be 0.
+    """
+    out: list[int] = []
+    for i, length in enumerate(runs):
+        if length == 0:
+            continue
+        value = i % 2
+        if out and (len(out) - 1) % 2 == value:
+            out[-1] += length
+        elif not out and value == 1:
+            out.extend([0, length])
+        else:
+            out.append(length)
+    return out or [0]
+
+
 def _validate_size(size: Any) -> tuple[int, int]:
     if (
         not isinstance(size, list)
@@ -140,7 +160,7 @@ def normalize_rle(segmentation: Any, expected_hw: tuple[int, int] | None = None)
     if sum(runs) != n:
         raise TrimaskError(f"the RLE runs cover {sum(runs)} pixels but the mask has {n} ({h} x {w}).")
     # Safe now: the runs sum to exactly h*w. Re-encode for a canonical string.
-    rle = mask_util.frPyObjects({"size": [h, w], "counts": runs}, h, w)
+    rle = mask_util.frPyObjects({"size": [h, w], "counts": canonical_runs(runs)}, h, w)
     area = int(mask_util.area(rle))
     if area == 0:
         raise TrimaskError("the mask is empty: it has no foreground pixels.")
