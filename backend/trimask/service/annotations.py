@@ -26,7 +26,6 @@ from trimask.service.state import PreconditionRequired, current, db
 
 bp = Blueprint("annotations", __name__, url_prefix="/api")
 
-ID = "int(max=4611686018427387903)"
 MAX_PROMPT_POINTS = 1000
 WRITABLE = {"category_id", "segmentation", "score", "level", "prompt"}
 # Fields of the response form: a client may send an annotation back as it got it.
@@ -155,13 +154,13 @@ def _version_from_request(body: Any) -> int | None:
     return int(raw)
 
 
-@bp.get(f"/images/<{ID}:image_id>/annotations")
+@bp.get("/images/<int:image_id>/annotations")
 def list_image_annotations(image_id: int) -> Response:
     current().index.get(image_id)
     return jsonify(storage.list_annotations(db(), image_id))
 
 
-@bp.post(f"/images/<{ID}:image_id>/annotations")
+@bp.post("/images/<int:image_id>/annotations")
 def create_annotation(image_id: int) -> Response:
     current().index.get(image_id)
     body = _json_body()
@@ -172,15 +171,17 @@ def create_annotation(image_id: int) -> Response:
     return response
 
 
-@bp.get(f"/annotations/<{ID}:ann_id>")
+@bp.get("/annotations/<int:ann_id>")
 def get_annotation(ann_id: int) -> Response:
     return _annotation_response(storage.get_annotation(db(), ann_id))
 
 
-@bp.put(f"/annotations/<{ID}:ann_id>")
-@bp.patch(f"/annotations/<{ID}:ann_id>")
+@bp.put("/annotations/<int:ann_id>")
+@bp.patch("/annotations/<int:ann_id>")
 def update_annotation(ann_id: int) -> Response:
     body = _json_body()
+    if not isinstance(body, dict):
+        raise TrimaskError("the request body must be a JSON object with the fields to change and the version.")
     existing = storage.get_annotation(db(), ann_id)
     version = _version_from_request(body)
     if version is None:
@@ -191,7 +192,7 @@ def update_annotation(ann_id: int) -> Response:
     return _annotation_response(storage.update_annotation(db(), ann_id, version, fields))
 
 
-@bp.delete(f"/annotations/<{ID}:ann_id>")
+@bp.delete("/annotations/<int:ann_id>")
 def delete_annotation(ann_id: int) -> Response:
     body = security.parse_json_body(request.get_data(cache=False)) if request.content_length else None
     storage.delete_annotation(db(), ann_id, _version_from_request(body))

@@ -18,7 +18,6 @@ from trimask.service.state import db
 
 bp = Blueprint("categories", __name__, url_prefix="/api/categories")
 
-ID = "int(max=4611686018427387903)"
 MAX_NAME_LENGTH = 200
 COLOR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
 def parse_category(body: Any, *, partial: bool) -> dict[str, Any]:
@@ -63,19 +62,19 @@ def create_category() -> Response:
     return response
 
 
-@bp.get(f"/<{ID}:category_id>")
+@bp.get("/<int:category_id>")
 def get_category(category_id: int) -> Response:
     return jsonify(storage.get_category(db(), category_id))
 
 
-@bp.put(f"/<{ID}:category_id>")
-@bp.patch(f"/<{ID}:category_id>")
+@bp.put("/<int:category_id>")
+@bp.patch("/<int:category_id>")
 def update_category(category_id: int) -> Response:
     fields = parse_category(security.parse_json_body(request.get_data(cache=False)), partial=True)
     return jsonify(storage.update_category(db(), category_id, fields))
 
 
-@bp.delete(f"/<{ID}:category_id>")
+@bp.delete("/<int:category_id>")
 def delete_category(category_id: int) -> Response:
     storage.delete_category(db(), category_id)
     return jsonify({"id": category_id, "deleted": True})

@@ -14,9 +14,6 @@ from trimask.service.state import ServiceUnavailable, current, db
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
 
-# Route ids are bounded so that no client number overflows SQLite's 64-bit integers.
-ID = "int(max=4611686018427387903)"
-
 # Formats every browser shows as they are; others (TIFF) and EXIF-rotated files
 # are re-encoded as PNG with the orientation applied, so the browser shows exactly
 # the pixels (and the width x height) the model saw.
@@ -43,7 +40,7 @@ def list_images() -> Response:
     return jsonify([image_json(r, counts.get(r.id, 0)) for r in index.records])
 
 
-@bp.get(f"/<{ID}:image_id>")
+@bp.get("/<int:image_id>")
 def get_image(image_id: int) -> Response:
     record = current().index.get(image_id)
     count = db().execute("SELECT COUNT(*) FROM annotations WHERE image_id = ?", (image_id,)).fetchone()[0]
@@ -81,7 +78,7 @@ def _display_png(record: ImageRecord) -> Path:
     return out
 
 
-@bp.get(f"/<{ID}:image_id>/file")
+@bp.get("/<int:image_id>/file")
 def image_file(image_id: int) -> Response:
     """The image's bytes (re-encoded as PNG when a browser would not show the file as the model sees it)."""
     record = current().index.get(image_id)
@@ -93,7 +90,7 @@ def image_file(image_id: int) -> Response:
     return response
 
 
-@bp.get(f"/<{ID}:image_id>/embedding")
+@bp.get("/<int:image_id>/embedding")
 def image_embedding(image_id: int) -> Response:
     """Raw little-endian float16 bytes of the [1, 256, 64, 64] embedding, with shape/dtype/model headers.
 

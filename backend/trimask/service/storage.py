@@ -40,6 +40,16 @@ class NotFoundError(TrimaskError):
     """The named image, category or annotation does not exist (HTTP 404)."""
 
 
+SQLITE_MAX_INT = 2**63 - 1
+
+
+def _existing_id(kind: str, value: int) -> int:
+    """Ids beyond SQLite's integers cannot exist; say so rather than overflow in the query."""
+    if not 0 <= value <= SQLITE_MAX_INT:
+        raise NotFoundError(f"there is no {kind} with id {value}.")
+    return value
+
+
 class ConflictError(TrimaskError):
     """The change is based on an outdated version or clashes with existing data (HTTP 409)."""
 
@@ -216,7 +226,9 @@ def list_images(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def get_image(conn: sqlite3.Connection, image_id: int) -> sqlite3.Row:
-    row = conn.execute("SELECT id, file_name, width, height FROM images WHERE id = ?", (image_id,)).fetchone()
+    row = conn.execute(
+        "SELECT id, file_name, width, height FROM images WHERE id = ?", (_existing_id("image", image_id),)
+    ).fetchone()
     if row is None:
         raise NotFoundError(f"there is no image with id {image_id}.")
     return row
@@ -241,7 +253,7 @@ def list_categories(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def get_category(conn: sqlite3.Connection, category_id: int) -> dict[str, Any]:
-    row = conn.execute("SELECT * FROM categories WHERE id = ?", (category_id,)).fetchone()
+    row = conn.execute("SELECT * FROM categories WHERE id = ?", (_existing_id("category", category_id),)).fetchone()
     if row is None:
         raise NotFoundError(f"there is no category with id {category_id}.")
     return category_to_json(row)
@@ -346,7 +358,7 @@ def _check_refs(conn: sqlite3.Connection, image_id: int, category_id: int) -> No
 
 
 def _get_annotation_row(conn: sqlite3.Connection, ann_id: int) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM annotations WHERE id = ?", (ann_id,)).fetchone()
+    row = conn.execute("SELECT * FROM annotations WHERE id = ?", (_existing_id("annotation", ann_id),)).fetchone()
     if row is None:
         raise NotFoundError(f"there is no annotation with id {ann_id}.")
     return row
