@@ -154,6 +154,14 @@ def test_gray_with_alpha_and_transparent_palette_are_composited_over_white(tmp_p
     assert tuple(loaded[0, 0]) == (255, 0, 0) and tuple(loaded[0, 1]) == (255, 255, 255)
 
 
+def test_rgb_png_with_a_transparent_colour_key_shows_white_there(tmp_path: Path) -> None:
+    pixels = np.zeros((1, 2, 3), dtype=np.uint8)
+    pixels[0, 1] = (10, 200, 30)
+    Image.fromarray(pixels).save(tmp_path / "key.png", transparency=(0, 0, 0))
+    loaded = load_image(tmp_path / "key.png")
+    assert tuple(loaded[0, 0]) == (255, 255, 255) and tuple(loaded[0, 1]) == (10, 200, 30)
+
+
 def test_opaque_palette_image_keeps_its_colours(tmp_path: Path) -> None:
     pixels = _gradient_rgb()
     Image.fromarray(pixels).quantize(16).save(tmp_path / "p.png")

@@ -152,18 +152,15 @@ def load_image(path: StrPath, *, max_pixels: int | None = None) -> np.ndarray:
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Convert a decoded PIL image of any mode to ``np.uint8`` H x W x 3 RGB (see the module docstring)."""
     mode = image.mode
-    if mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
     if mode.startswith("I;16") or mode in ("I", "F"):
         gray = _high_depth_to_uint8(np.asarray(image), mode)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info) or (
-        mode in ("L", "RGB") and "transparency" in image.info
-    ):
+    # Alpha channels, and palette / gray / RGB images with a transparent colour (PNG tRNS).
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
         return _composite_over_white(image.convert("RGBA"))
-    if mode == "P":
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    # 1, L, CMYK, YCbCr, LAB, HSV, ...: PIL knows these conversions.
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    # 1, L, P, CMYK, YCbCr, LAB, HSV, ...: PIL knows these conversions.
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
