@@ -177,7 +177,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         index,
         _embedder_factory(cfg, cache),
         model_id=_model_id_factory(cfg),
-        device=_device_name(cfg),
+        device=lambda: _device_name(cfg),
         cache=cache,
         precompute=bool(cfg["PRECOMPUTE"]),
     )

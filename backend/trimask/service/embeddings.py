@@ -80,7 +80,8 @@ class EmbeddingService:
         make_embedder: builds the embedder on first need (loading the model).
         model_id: the model identity without loading the model, or None to take
             it from the embedder.
-        device: the device name shown in ``/api/status``.
+        device: the device name shown in ``/api/status``, or a callable giving it (resolving
+            "auto" imports torch, which status can do later rather than at start).
         cache: an ``EmbeddingCache`` (get/put/get_or_compute) or None.
         precompute: whether to compute the next images in the background.
     """
@@ -91,12 +92,12 @@ class EmbeddingService:
         make_embedder: Callable[[], EmbedderLike],
         *,
         model_id: Callable[[], str] | None,
-        device: str,
+        device: str | Callable[[], str],
         cache: Any | None,
         precompute: bool = True,
     ):
         self.index = index
-        self.device = device
+        self._device = device
         self.cache = cache
         self.hashes = FileHashes()
         self._make_embedder = make_embedder
@@ -123,6 +124,12 @@ class EmbeddingService:
         if self._model_id is None:
             self._model_id = self._model_id_fn() if self._model_id_fn else self.embedder().identity
         return self._model_id
+
+    @property
+    def device(self) -> str:
+        if callable(self._device):
+            self._device = self._device()
+        return self._device
 
     @property
     def known_model_id(self) -> str | None:
