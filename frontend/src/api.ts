@@ -67,8 +67,9 @@ export const api = {
   annotations: (imageId: number) => json<Annotation[]>("GET", `/api/images/${imageId}/annotations`, "Loading the objects"),
   createAnnotation: (imageId: number, body: AnnotationBody) =>
     json<Annotation>("POST", `/api/images/${imageId}/annotations`, "Saving the object", body),
-  updateAnnotation: (id: number, patch: Partial<AnnotationBody>) =>
-    json<Annotation>("PUT", `/api/annotations/${id}`, "Changing the object", patch),
+  /** `version` is the one the change is based on (the service answers 409 if it is outdated). */
+  updateAnnotation: (id: number, version: number | undefined, patch: Partial<AnnotationBody>) =>
+    json<Annotation>("PUT", `/api/annotations/${id}`, "Changing the object", version === undefined ? patch : { ...patch, version }),
   deleteAnnotation: async (id: number): Promise<void> => {
     await request("DELETE", `/api/annotations/${id}`, "Deleting the object");
   },

@@ -38,7 +38,7 @@ interface Waiting {
 export class DecoderClient {
   private worker: Worker;
   private nextId = 1;
-  private running: (Waiting & { id: number }) | null = null;
+  private running: (Waiting & { id: number; followers: Settle[] }) | null = null;
   private waiting: { click: Waiting | null; hover: Waiting | null } = { click: null, hover: null };
   private readyPromise: Promise<{ backend: ExecutionBackend; numThreads: number }>;
   private embeddingWaiters = new Map<number, () => void>();
@@ -87,9 +87,17 @@ export class DecoderClient {
     });
   }
 
-  /** Queues a decode; a newer job of the same kind replaces it while it waits. A click drops waiting hovers. */
+  /**
+   * Queues a decode; a newer job of the same kind replaces it while it waits. A click drops
+   * waiting hovers, and shares the running hover's result when it asks for the same prompt
+   * (the pointer hovered exactly where it then clicked).
+   */
   decode(job: DecodeJob): Promise<(DecodeOutput & { decodeMs: number }) | null> {
     return new Promise((settle, reject) => {
+      if (job.kind === "click" && this.running && sameInputs(this.running.job, job)) {
+        this.running.followers.push(settle);
+        return;
+      }
       const prev = this.waiting[job.kind];
       prev?.settle(null);
       this.waiting[job.kind] = { job, settle, reject };
@@ -114,7 +122,7 @@ export class DecoderClient {
     if (next === this.waiting.click) this.waiting.click = null;
     else this.waiting.hover = null;
     const id = this.nextId++;
-    this.running = { ...next, id };
+    this.running = { ...next, id, followers: [] };
     const { job } = next;
     const req: DecodeRequest = {
       type: "decode",
@@ -134,10 +142,31 @@ export class DecoderClient {
     this.running = null;
     if (error) run.reject(error);
     else run.settle(out);
+    // Followers (a click on the hovered point) get the same output, or retry on error.
+    for (const f of run.followers) f(error ? null : out);
     this.pump();
   }
 
   private post(msg: WorkerRequest, transfer: Transferable[] = []): void {
     this.worker.postMessage(msg, transfer);
   }
+}
+
+function sameArray(a: Float32Array | null, b: Float32Array | null): boolean {
+  if (a === b) return true;
+  if (!a || !b || a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** True when two jobs would give the same decoder output. */
+export function sameInputs(a: DecodeJob, b: DecodeJob): boolean {
+  return (
+    a.imageId === b.imageId &&
+    a.origHw[0] === b.origHw[0] &&
+    a.origHw[1] === b.origHw[1] &&
+    sameArray(a.coords, b.coords) &&
+    sameArray(a.labels, b.labels) &&
+    sameArray(a.maskInput, b.maskInput)
+  );
 }

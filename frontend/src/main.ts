@@ -23,6 +23,7 @@ import {
   isPromptEmpty,
   LOW_RES_PIXELS,
   objectSaved,
+  objectUpdated,
   openImage,
   redo,
   relabelObject,
@@ -57,7 +58,8 @@ let openToken = 0;
 let embeddingReady = false;
 let decoderReady = false;
 let saving = false;
-let hoverPreview: { out: DecodeOutput; token: number } | null = null;
+/** The latest hover decode and where (image px) it was asked for. */
+let hoverPreview: { out: DecodeOutput; token: number; imageId: number; x: number; y: number } | null = null;
 
 const decoder = new DecoderClient({
   modelUrl: settings.decoderUrl ?? api.decoderUrl(settings.quantized),
@@ -175,7 +177,7 @@ async function decodePrompt(t0: number): Promise<void> {
 }
 
 async function hoverAt(x: number, y: number, t0: number): Promise<void> {
-  if (!isReady() || !isPromptEmpty(state.prompt)) return;
+  if (!settings.hover || !isReady() || !isPromptEmpty(state.prompt)) return;
   const image = state.image!;
   const [fx, fy] = imageToFrame(x, y, image.height, image.width);
   const inputs = encodePromptInputs([[fx, fy]], [1], null);
@@ -192,7 +194,7 @@ async function hoverAt(x: number, y: number, t0: number): Promise<void> {
     // A click or another image since then makes this preview stale.
     if (!out || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
     const candidates = candidatesFor(out, true);
-    hoverPreview = { out, token: candidates[bestCandidate(candidates)].token };
+    hoverPreview = { out, token: candidates[bestCandidate(candidates)].token, imageId: image.id, x, y };
     draw();
     timings.hover.push(performance.now() - t0);
   } catch (e) {
@@ -265,7 +267,9 @@ async function runEffects(effects: Effect[]): Promise<void> {
         if (state.image?.id === imageId) setState(replaceObjectId(state, effect.tempId, saved));
         bumpCount(imageId, +1);
       } else if (effect.type === "update") {
-        await api.updateAnnotation(effect.id, { category_id: effect.category_id });
+        const version = state.objects.find((o) => o.id === effect.id)?.version;
+        const saved = await api.updateAnnotation(effect.id, version, { category_id: effect.category_id });
+        if (state.image?.id === imageId) setState(objectUpdated(state, saved));
       }
     }
   } catch (e) {
@@ -372,9 +376,15 @@ function onMouseUp(e: MouseEvent): void {
   if (!pointerOnStage) return;
   const [x, y] = imagePoint(e);
   const label = p.button === 2 || p.shift ? 0 : 1;
+  // Clicking where the last hover decoded: that output is this click's output already.
+  const h = hoverPreview;
+  const reuse = label === 1 && isPromptEmpty(state.prompt) && h && h.imageId === state.image.id && h.x === x && h.y === y;
   clearHover();
   setState(addPoint(state, x, y, label));
-  void decodePrompt(t0);
+  if (reuse) {
+    setState(applyResult(state, state.promptVersion, h.out));
+    timings.click.push(performance.now() - t0);
+  } else void decodePrompt(t0);
 }
 
 function clampBox(b: [number, number, number, number]): [number, number, number, number] {

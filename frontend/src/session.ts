@@ -282,6 +282,11 @@ export function setCurrentCategory(state: SessionState, id: number): SessionStat
   return state.categories.some((c) => c.id === id) ? { ...state, currentCategory: id } : state;
 }
 
+/** The service answered an update: keep its copy (new version) of the object. */
+export function objectUpdated(state: SessionState, saved: Annotation): SessionState {
+  return { ...state, objects: state.objects.map((o) => (o.id === saved.id ? saved : o)) };
+}
+
 function bodyOf(a: Annotation): AnnotationBody {
   return { category_id: a.category_id, segmentation: a.segmentation, score: a.score, level: a.level, prompt: a.prompt };
 }

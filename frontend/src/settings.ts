@@ -1,4 +1,4 @@
-/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID). */
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0). */
 import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
 
 export interface Settings {
@@ -9,6 +9,8 @@ export interface Settings {
   /** Overrides the decoder URL (the benchmark uses it for the official export style). */
   decoderUrl: string | null;
   imageId: number | null;
+  /** Hover previews (?hover=0 turns them off, e.g. to time clicks alone). */
+  hover: boolean;
 }
 
 export function readSettings(search: string, hardwareConcurrency: number, crossOriginIsolated: boolean): Settings {
@@ -24,5 +26,6 @@ export function readSettings(search: string, hardwareConcurrency: number, crossO
     style: q.get("style") === "official" ? "official" : "trimask",
     decoderUrl: q.get("decoder"),
     imageId: image !== null && /^\d+$/.test(image) ? Number(image) : null,
+    hover: q.get("hover") !== "0",
   };
 }

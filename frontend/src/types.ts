@@ -47,4 +47,6 @@ export interface Annotation extends AnnotationBody {
   image_id: number;
   area: number;
   bbox: [number, number, number, number];
+  /** The service's optimistic-concurrency version: an update must name it. */
+  version?: number;
 }

@@ -71,6 +71,20 @@ describe("decoder client scheduling", () => {
   });
 });
 
+describe("decoder client sharing", () => {
+  it("a click on the point the running hover decodes shares its output instead of decoding again", async () => {
+    vi.stubGlobal("Worker", FakeWorker);
+    const c = new DecoderClient({ modelUrl: "/m", backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
+    const w = FakeWorker.last;
+    const hover = c.decode(job("hover", 4));
+    const click = c.decode(job("click", 4));
+    w.answer(w.decodes()[0].id);
+    const [h, k] = await Promise.all([hover, click]);
+    expect(k).toBe(h);
+    expect(w.decodes().length).toBe(1);
+  });
+});
+
 describe("prompt encoding", () => {
   it("adds SAM's padding point when there is no box", () => {
     const { coords, labels } = encodePromptInputs([[1, 2]], [1], null);
