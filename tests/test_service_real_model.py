@@ -1,0 +1,75 @@
+"""The service on the real path: build_sam("tiny") weights, the real Embedder, cache and ONNX export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service_helpers import make_app, tiny_checkpoint  # noqa: F401
+
+
+@pytest.fixture
+def real_app(tmp_path, tiny_checkpoint):  # noqa: F811
+    import torch
+
+    torch.set_num_threads(2)
+    return make_app(
+        tmp_path, EMBEDDER=None, DECODER_FILE=None, MODEL_TYPE="tiny", CHECKPOINT=tiny_checkpoint, DEVICE="cpu",
+        CACHE_DIR=tmp_path / "cache",
+    )
+
+
+def test_embedding_is_the_encoder_output_and_is_cached_on_disk(real_app, tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    from trimask.embedder import Embedder
+    from trimask.image_io import content_hash, load_image
+    from trimask.models.build import model_identity
+
+    client = real_app.test_client()
+    response = client.get("/api/images/1/embedding")
+    assert response.status_code == 200
+    model_id = model_identity("tiny", tiny_checkpoint)
+    assert response.headers["X-Model-Id"] == model_id
+    served = np.frombuffer(response.data, dtype="<f2").reshape(1, 256, 64, 64).astype(np.float32)
+    path = tmp_path / "images" / "a.png"
+    reference = Embedder("tiny", tiny_checkpoint, device="cpu").embed_image(load_image(path))
+    np.testing.assert_allclose(served, reference, rtol=2e-3, atol=2e-3)  # fp16 rounding only
+    assert (tmp_path / "cache" / "embeddings" / model_id / f"{content_hash(path)}.npy").is_file()
+
+    # A restarted server serves the cached embedding without loading the model.
+    import trimask.embedder
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a cached embedding")
+
+    monkeypatch.setattr(trimask.embedder, "Embedder", no_model)
+    restarted = make_app(
+        tmp_path, EMBEDDER=None, DECODER_FILE=None, MODEL_TYPE="tiny", CHECKPOINT=tiny_checkpoint,
+        CACHE_DIR=tmp_path / "cache",
+    ).test_client()
+    again = restarted.get("/api/images/1/embedding")
+    assert again.data == response.data and again.headers["ETag"] == response.headers["ETag"]
+    status = restarted.get("/api/status").get_json()
+    assert status["device"] == "cpu" and status["embeddings_cached"] == 1
+
+
+@pytest.mark.slow
+def test_served_decoder_runs_on_the_served_embedding(real_app):
+    import onnxruntime as ort
+
+    client = real_app.test_client()
+    decoder = client.get("/api/decoder.onnx")
+    assert decoder.status_code == 200 and decoder.headers["ETag"]
+    assert client.get("/api/decoder.onnx", headers={"If-None-Match": decoder.headers["ETag"]}).status_code == 304
+    embedding = np.frombuffer(client.get("/api/images/1/embedding").data, dtype="<f2").reshape(1, 256, 64, 64)
+    session = ort.InferenceSession(decoder.data, providers=["CPUExecutionProvider"])
+    outputs = session.run(
+        ["iou_predictions", "low_res_masks"],
+        {
+            "image_embeddings": embedding.astype(np.float32),
+            "point_coords": np.array([[[500.0, 400.0], [0.0, 0.0]]], np.float32),
+            "point_labels": np.array([[1.0, -1.0]], np.float32),
+            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([30.0, 40.0], np.float32),
+        },
+    )
+    assert outputs[0].shape == (1, 4) and outputs[1].shape == (1, 4, 256, 256)
