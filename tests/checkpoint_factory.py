@@ -74,6 +74,17 @@ def official_registry(model_type: str):
     return sam_model_registry[model_type]
 
 
+def official_skeleton(model_type: str) -> nn.Module:
+    """The official model without allocating weights where possible (meta device), for key/shape checks.
+
+    MobileSAM's constructor calls .item(), which meta tensors refuse; it is small, so it is built on CPU.
+    """
+    if model_type == "vit_t":
+        return official_registry(model_type)()
+    with torch.device("meta"):
+        return official_registry(model_type)()
+
+
 def perturbed_state_dict(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """The model's state dict with Gaussian noise added to every floating tensor.
 
@@ -117,3 +128,19 @@ def reference_model(model_type: str, checkpoint: str | Path) -> nn.Module:
     # MobileSAM caches its attention biases when eval() is called: refresh after loading,
     # as MobileSAM's own usage (load, then .eval()) does.
     return model.eval()
+
+
+def make_shape_only_checkpoint(model_type: str, path: str | Path) -> Path:
+    """Write the official keys and shapes of a model type with constant stride-0 tensors.
+
+    The file is a few hundred KB even for ViT-H (each tensor stores one element), which is
+    enough for tests about keys and shapes (type detection, mismatch errors), not for numerics.
+    """
+    model = official_skeleton(model_type)
+    state_dict = {}
+    for key, value in model.state_dict().items():
+        one = torch.ones(1, dtype=value.dtype)
+        state_dict[key] = one.expand(value.shape) if value.dim() else one.reshape(())
+    path = Path(path)
+    torch.save(state_dict, path)
+    return path
