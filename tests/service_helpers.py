@@ -145,6 +145,7 @@ class ServerProcess:
                 continue
             match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
             if match:
+                self.url_line = line
                 return int(match.group(1))
         raise RuntimeError("server did not print its URL in time")
 
