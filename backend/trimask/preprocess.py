@@ -27,7 +27,7 @@ def resize_longest_side(image: np.ndarray, long_side: int = IMAGE_SIZE) -> np.nd
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 uint8 image, got {image.dtype} {image.shape}")
     newh, neww = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
-    return np.asarray(Image.fromarray(image).resize((neww, newh), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((neww, newh), Image.BILINEAR))
 
 
 def normalize_and_pad(resized: torch.Tensor, image_size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -43,7 +43,7 @@ def normalize_and_pad(resized: torch.Tensor, image_size: int = IMAGE_SIZE) -> to
 def preprocess(image: np.ndarray) -> torch.Tensor:
     """image: H x W x 3 uint8 RGB -> 1 x 3 x 1024 x 1024 float32, ready for the image encoder."""
     resized = resize_longest_side(image)
-    return normalize_and_pad(torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None])
+    return normalize_and_pad(torch.from_numpy(resized).permute(2, 0, 1)[None])
 
 
 def apply_coords(coords: np.ndarray, orig_hw: tuple[int, int], long_side: int = IMAGE_SIZE) -> np.ndarray:
