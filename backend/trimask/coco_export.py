@@ -38,27 +38,16 @@ def build_coco(conn: sqlite3.Connection) -> dict[str, Any]:
             {"id": r["id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]}
             for r in storage.list_images(conn)
         ]
-        categories = [
-            {"id": c["id"], "name": c["name"], "supercategory": c["supercategory"], "color": c["color"]}
-            for c in storage.list_categories(conn)
-        ]
-        annotations = [
-            {
-                "id": r["id"],
-                "image_id": r["image_id"],
-                "category_id": r["category_id"],
-                "segmentation": {"size": [r["height"], r["width"]], "counts": r["counts"]},
-                "area": r["area"],
-                "bbox": json.loads(r["bbox"]),
-                "iscrowd": 0,
-                "score": r["score"] if r["score"] is not None else 1.0,
-                "level": r["level"],
-            }
-            for r in conn.execute(
-                "SELECT id, image_id, category_id, height, width, counts, area, bbox, score, level "
-                "FROM annotations ORDER BY id"
-            )
-        ]
+        categories = storage.list_categories(conn)
+        annotations = []
+        for row in conn.execute(
+            "SELECT id, image_id, category_id, height, width, counts, area, bbox, score, level "
+            "FROM annotations ORDER BY id"
+        ):
+            ann = storage.coco_annotation(row)
+            if ann["score"] is None:
+                ann["score"] = 1.0  # COCOeval sorts results by score: every one needs a number
+            annotations.append(ann)
     finally:
         conn.execute("COMMIT")
     return {

@@ -116,6 +116,7 @@ class EmbeddingService:
         self._queued: set[int] = set()
         self._precompute = precompute
         self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
         self._closed = threading.Event()
 
     # ------------------------------------------------------------ model
@@ -206,9 +207,10 @@ class EmbeddingService:
         self._ensure_worker()
 
     def _ensure_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="trimask-precompute", daemon=True)
-            self._worker.start()
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="trimask-precompute", daemon=True)
+                self._worker.start()
 
     def _work(self) -> None:
         while not self._closed.is_set():

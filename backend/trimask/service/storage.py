@@ -333,8 +333,8 @@ class AnnotationFields:
     prompt: dict[str, Any] | None
 
 
-def annotation_to_json(row: sqlite3.Row) -> dict[str, Any]:
-    """The API / COCO-like form of a stored annotation."""
+def coco_annotation(row: sqlite3.Row) -> dict[str, Any]:
+    """The COCO fields of a stored annotation (plus trimask's ``level``)."""
     return {
         "id": row["id"],
         "image_id": row["image_id"],
@@ -345,6 +345,13 @@ def annotation_to_json(row: sqlite3.Row) -> dict[str, Any]:
         "iscrowd": 0,
         "score": row["score"],
         "level": row["level"],
+    }
+
+
+def annotation_to_json(row: sqlite3.Row) -> dict[str, Any]:
+    """The API form of a stored annotation: its COCO fields, the prompt, version and timestamps."""
+    return {
+        **coco_annotation(row),
         "prompt": json.loads(row["prompt"]) if row["prompt"] is not None else None,
         "version": row["version"],
         "created_at": row["created_at"],
