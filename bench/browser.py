@@ -1,0 +1,260 @@
+"""Browser latency of the annotator in headless Chromium (Playwright), against `trimask serve`.
+
+Measured from the page's own debug hook (window.__trimaskTimings):
+
+- click: mouse-up -> the three candidates decoded and drawn (overlay + thumbnails), and
+  decode: the part of it inside the worker (session.run and output handling);
+  hover previews are off for these (?hover=0) so a click never waits behind one.
+- hover: pointer move -> the preview drawn, one move at a time (latency), and the
+  previews per second drawn while the pointer keeps moving (throughput).
+- open -> ready: navigation start -> data-ready (decoder loaded, embedding in the worker).
+
+For trimask's decoder (fp32 and quantized) and for SAM's official export style (one
+graph returning four float masks at full image resolution, exported with the onnx
+helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
+on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
+
+    .venv/bin/python bench/browser.py [--clicks 15] [--hovers 15]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SIZES = ((1536, 1024), (4000, 3000))  # (W, H)
+OFFICIAL_URL = "/bench/official.onnx"
+
+
+def write_images(folder: Path) -> list[str]:
+    """Generated scenes resized to the benchmark sizes (content matters little for timing)."""
+    from PIL import Image, ImageDraw
+
+    names = []
+    for w, h in SIZES:
+        try:
+            from trimask.training.scenes import generate_scene
+
+            im = Image.fromarray(generate_scene(900_321, size=768).image).resize((w, h), Image.BILINEAR)
+        except ImportError:
+            im = Image.new("RGB", (w, h), (40, 90, 40))
+            ImageDraw.Draw(im).ellipse((w // 5, h // 5, w // 2, h // 2), fill=(220, 60, 60))
+        name = f"bench_{w}x{h}.png"
+        im.save(folder / name)
+        names.append(name)
+    return names
+
+
+def model_args(tmp: Path) -> tuple[list[str], str | None]:
+    """CLI args for the embedded default model (random 'tiny' weights if the trained file is missing)."""
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT
+
+    if Path(BUNDLED_TINY_CHECKPOINT).is_file():
+        return ["--model", "tiny"], None
+    import torch
+
+    from trimask.models.build import build_sam
+
+    ckpt = tmp / "tiny_random.pt"
+    torch.save(build_sam("tiny", random_init=True).state_dict(), ckpt)
+    print("note: no bundled tiny.pt yet, timing random tiny weights (same graph, same cost)", file=sys.stderr)
+    return ["--model", "tiny", "--checkpoint", str(ckpt)], str(ckpt)
+
+
+def export_official(checkpoint: str | None, out: Path) -> bytes:
+    """SAM's official export style for the same weights, with the onnx helper's exporter."""
+    import torch
+
+    from trimask.models.build import build_sam
+
+    spec = importlib.util.spec_from_file_location("bench_decoder", REPO / "bench" / "decoder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.set_num_threads(1)
+    module.export_official_style(build_sam("tiny", checkpoint), out)
+    return out.read_bytes()
+
+
+def start_server(images: Path, annotations: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    exe = Path(sys.executable).with_name("trimask")
+    cmd = [str(exe), "serve", "--images", str(images), "--annotations", str(annotations),
+           "--host", "127.0.0.1", "--port", "0", "--no-precompute", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"open (http://127\.0\.0\.1:\d+)/", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, m.group(1)
+    proc.kill()
+    raise SystemExit("trimask serve did not start")
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=600) as r:
+        return r.read()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class Session:
+    """One page opened with given settings; collects timings through the debug hook."""
+
+    def __init__(self, browser, base: str, image: dict, query: str, official: bytes | None) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        if official is not None:
+            # A regex on the path: a glob would also match the page URL, whose query names this file.
+            self.page.route(re.compile(r"^https?://[^/]+" + re.escape(OFFICIAL_URL) + "$"), lambda route: route.fulfill(
+                status=200, body=official, headers={"Content-Type": "application/octet-stream"}))
+        self.image = image
+        self.page.goto(f"{base}/?image={image['id']}&{query}")
+        self.page.wait_for_selector("[data-testid=stage][data-ready=true]", timeout=600_000)
+        self.ready_ms = self.page.evaluate("performance.now()")
+        self.box = self.page.locator("[data-testid=stage]").bounding_box()
+
+    def client(self, fx: float, fy: float) -> tuple[float, float]:
+        return self.box["x"] + fx * self.box["width"], self.box["y"] + fy * self.box["height"]
+
+    def count(self, kind: str) -> int:
+        return self.page.evaluate(f"window.__trimaskTimings.{kind}.length")
+
+    def clicks(self, n: int, warmup: int = 2) -> list[float]:
+        rng = np.random.default_rng(0)
+        for _ in range(n + warmup):
+            self.page.keyboard.press("Escape")
+            before = self.count("click")
+            self.page.mouse.click(*self.client(*rng.uniform(0.15, 0.85, 2)))
+            self.page.wait_for_function(f"window.__trimaskTimings.click.length > {before}", timeout=600_000)
+        return self.page.evaluate("window.__trimaskTimings.click")[warmup:], self.page.evaluate("window.__trimaskTimings.decode")[warmup:]
+
+    def hovers(self, n: int, warmup: int = 2) -> list[float]:
+        self.page.keyboard.press("Escape")
+        rng = np.random.default_rng(1)
+        for _ in range(n + warmup):
+            before = self.count("hover")
+            self.page.mouse.move(*self.client(*rng.uniform(0.15, 0.85, 2)))
+            self.page.wait_for_function(f"window.__trimaskTimings.hover.length > {before}", timeout=600_000)
+        return self.page.evaluate("window.__trimaskTimings.hover")[warmup:]
+
+    def hover_rate(self, seconds: float = 4.0) -> float:
+        """Previews drawn per second while the pointer sweeps the image continuously."""
+        before = self.count("hover")
+        t0 = time.monotonic()
+        i = 0
+        while time.monotonic() - t0 < seconds:
+            fx = 0.2 + 0.6 * (0.5 + 0.5 * np.sin(i / 7))
+            fy = 0.2 + 0.6 * (0.5 + 0.5 * np.cos(i / 11))
+            self.page.mouse.move(*self.client(fx, fy))
+            i += 1
+            time.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        return (self.count("hover") - before) / elapsed
+
+    def close(self) -> None:
+        if self.errors:
+            print(f"page errors: {self.errors}", file=sys.stderr)
+        self.context.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clicks", type=int, default=15, help="timed clicks per configuration")
+    parser.add_argument("--hovers", type=int, default=15, help="timed hover previews per configuration")
+    parser.add_argument("--threads", default="1,2", help="WASM thread counts to time")
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+
+    from playwright.sync_api import sync_playwright
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="trimask-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "images").mkdir()
+        names = write_images(tmp / "images")
+        margs, checkpoint = model_args(tmp)
+        print("exporting the official-style decoder ...", file=sys.stderr)
+        official = export_official(checkpoint, tmp / "official.onnx")
+        proc, base = start_server(tmp / "images", tmp / "annotations", margs)
+        try:
+            records = {r["file_name"]: r for r in __import__("json").loads(get(base + "/api/images"))}
+            images = [records[n] for n in names]
+            print("warming up: decoder exports and embeddings ...", file=sys.stderr)
+            get(base + "/api/decoder.onnx")
+            get(base + "/api/decoder.onnx?quantized=1")
+            cold = {}
+            for im in images:
+                t = time.perf_counter()
+                get(f"{base}/api/images/{im['id']}/embedding")
+                cold[im["file_name"]] = (time.perf_counter() - t) * 1000
+            decoders = {
+                "trimask fp32": "",
+                "trimask quantized": "quantized=1",
+                "official style fp32": f"style=official&decoder={OFFICIAL_URL}",
+            }
+            rows = []
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                for im in images:
+                    for n in threads:
+                        for name, q in decoders.items():
+                            print(f"  {im['width']}x{im['height']} {name} threads={n}", file=sys.stderr)
+                            s = Session(browser, base, im, f"threads={n}&hover=0&{q}", official if "official" in name else None)
+                            clicks, decode = s.clicks(args.clicks if "official" not in name or im["width"] < 3000 else max(5, args.clicks // 2))
+                            ready = s.ready_ms
+                            s.close()
+                            hover, rate = [], float("nan")
+                            if "official" not in name:
+                                s = Session(browser, base, im, f"threads={n}&{q}", None)
+                                hover = s.hovers(args.hovers)
+                                rate = s.hover_rate()
+                                s.close()
+                            rows.append(dict(image=f"{im['width']} x {im['height']}", decoder=name, threads=n,
+                                             click=clicks, decode=decode, hover=hover, rate=rate, ready=ready))
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    official_p50 = {(r["image"], r["threads"]): pct(r["click"], 50) for r in rows if "official" in r["decoder"]}
+    print(f"\nHeadless Chromium {CHROMIUM}, WASM (SIMD, threads as listed), {os.cpu_count()} CPU cores; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
+    print("| image (W x H) | decoder | threads | click p50 ms | click p95 ms | click vs official | decode p50 ms | "
+          "hover p50 ms | hover p95 ms | hover previews/s | open -> ready ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = pct(r["click"], 50) / official_p50[(r["image"], r["threads"])]
+        hover = (f"{pct(r['hover'], 50):.0f} | {pct(r['hover'], 95):.0f} | {r['rate']:.1f}"
+                 if r["hover"] else "- | - | -")
+        print(f"| {r['image']} | {r['decoder']} | {r['threads']} | {pct(r['click'], 50):.0f} | "
+              f"{pct(r['click'], 95):.0f} | {ratio:.2f}x | {pct(r['decode'], 50):.0f} | {hover} | {r['ready']:.0f} |")
+    print("\nFirst embedding of each image on the server (encoder, not cached yet): "
+          + ", ".join(f"{k}: {v:.0f} ms" for k, v in cold.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
