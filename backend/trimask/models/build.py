@@ -48,7 +48,7 @@ _RANDOM_INIT_SEED = 0
 
 def _check_model_type(model_type: str) -> None:
     if model_type not in MODEL_TYPES:
-        raise TrimaskError(f"unknown model {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise TrimaskError(f"Unknown model {model_type!r}; choose one of {', '.join(MODEL_TYPES)}.")
 
 
 def _image_encoder(model_type: str, encoder_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -73,7 +73,9 @@ def _image_encoder(model_type: str, encoder_kwargs: Mapping[str, Any] | None = N
     except ModuleNotFoundError as exc:
         if exc.name != "trimask.models.tiny_encoder":
             raise
-        raise TrimaskError("the 'tiny' model's encoder (trimask.models.tiny_encoder) is not installed") from exc
+        raise TrimaskError(
+            "The 'tiny' model's encoder (trimask.models.tiny_encoder) is not available in this installation."
+        ) from exc
     return module.TinyImageEncoder(**dict(encoder_kwargs or {}))
 
 
@@ -127,9 +129,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise TrimaskError(f"checkpoint file not found: {path}")
+        raise TrimaskError(f"Checkpoint file not found: {path}.")
     if not path.is_file():
-        raise TrimaskError(f"checkpoint path is not a file: {path}")
+        raise TrimaskError(f"Checkpoint path is not a file: {path}.")
     try:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -140,15 +142,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...)
         raise TrimaskError(
-            f"could not read checkpoint {path}: the file is truncated, corrupt, or not a PyTorch checkpoint "
-            f"({type(exc).__name__})"
+            f"Could not read checkpoint {path}: the file is truncated, corrupt, or not a PyTorch checkpoint "
+            f"({type(exc).__name__})."
         ) from exc
     extra: dict[str, Any] = {}
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         extra = {k: v for k, v in loaded.items() if k != "model"}
         loaded = loaded["model"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise TrimaskError(f"checkpoint {path} does not hold a model state dict")
+        raise TrimaskError(f"Checkpoint {path} does not hold a model state dict.")
     return dict(loaded), extra
 
 
@@ -190,11 +192,11 @@ def load_checkpoint_into(sam: Sam, model_type: str, path: str | Path, state_dict
         looks_like = guess_model_type(state_dict)
         if looks_like is not None and looks_like != model_type:
             raise TrimaskError(
-                f"checkpoint {path} does not fit model {model_type}: it looks like a {looks_like} checkpoint "
-                f"(use --model {looks_like})"
+                f"Checkpoint {path} does not fit model {model_type}: it looks like a {looks_like} checkpoint "
+                f"(use --model {looks_like})."
             ) from exc
         raise TrimaskError(
-            f"checkpoint {path} does not fit model {model_type}: {_mismatch_summary(sam, state_dict)}"
+            f"Checkpoint {path} does not fit model {model_type}: {_mismatch_summary(sam, state_dict)}."
         ) from exc
 
 
@@ -208,7 +210,7 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_i
     _check_model_type(model_type)
     if checkpoint is None and model_type == "tiny" and not random_init:
         if not BUNDLED_TINY_CHECKPOINT.is_file():
-            raise TrimaskError(f"the bundled tiny model weights are missing: {BUNDLED_TINY_CHECKPOINT}")
+            raise TrimaskError(f"The bundled tiny model weights are missing: {BUNDLED_TINY_CHECKPOINT}.")
         checkpoint = BUNDLED_TINY_CHECKPOINT
     if checkpoint is None or random_init:
         with torch.random.fork_rng(devices=[]):
@@ -254,7 +256,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise TrimaskError(f"checkpoint file not found: {path}") from exc
+        raise TrimaskError(f"Checkpoint file not found: {path}.") from exc
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key in _memory_hashes:
         return _memory_hashes[key]
