@@ -5,6 +5,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -93,6 +94,10 @@ def _warm_up(app) -> None:
     threading.Thread(target=state.embeddings.survey_cache, name="trimask-survey", daemon=True).start()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from trimask.service.app import create_app
     from trimask.service.security import TOKEN_ENV, require_token_for_host
@@ -138,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(f"trimask: open {url}  (Ctrl+C stops)", flush=True)
-        server.serve_forever()
+        # SIGTERM (service managers, `kill`) stops like Ctrl+C; saves are committed per request anyway.
+        signal.signal(signal.SIGTERM, _interrupt)
+        server.serve_forever()  # returns on Ctrl+C / SIGTERM (werkzeug swallows the KeyboardInterrupt)
+        print("trimask: stopped", file=sys.stderr)
     except KeyboardInterrupt:
         print("trimask: stopped", file=sys.stderr)
     finally:

@@ -104,11 +104,15 @@ def build_index(root: Path, conn: sqlite3.Connection, exclude: Iterable[Path] = 
     """
     from trimask.image_io import image_size
 
+    from tqdm import tqdm
+
     root = Path(root)
     paths = scan_folder(root, exclude)
     known = storage.image_stats(conn)
     scanned: list[storage.ImageFile] = []
-    for path in paths:
+    # Reading sizes is the slow part of a first scan of a large folder: show it.
+    progress = tqdm(paths, desc="reading image sizes", unit="image", disable=len(paths) - len(known) < 500)
+    for path in progress:
         rel = path.relative_to(root).as_posix()
         try:
             st = path.stat()
