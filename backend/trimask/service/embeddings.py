@@ -51,6 +51,10 @@ class EmbeddingBlob:
     etag: str
 
 
+def _etag(image_hash: str, model_id: str) -> str:
+    return f'"{image_hash[:32]}-{model_id}"'
+
+
 class FileHashes:
     """content_hash memoized by (path, mtime, size): hashing a photo costs milliseconds each time."""
 
@@ -145,8 +149,8 @@ class EmbeddingService:
 
     # ------------------------------------------------------------ embeddings
     def etag(self, record: ImageRecord) -> str:
-        """Strong ETag of an image's embedding: image content + model identity."""
-        return f'"{self.hashes.get(record.path)[:32]}-{self.model_id}"'
+        """Strong ETag of an image's embedding: image content + model identity (no computation)."""
+        return _etag(self.hashes.get(record.path), self.model_id)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._key_locks_guard:
@@ -184,7 +188,7 @@ class EmbeddingService:
                 with self._compute_lock:
                     emb = embedder.embed_path(record.path)
             arr = np.ascontiguousarray(np.asarray(emb, dtype="<f2").reshape(EMBEDDING_SHAPE))
-            blob = EmbeddingBlob(arr.tobytes(), model_id, f'"{image_hash[:32]}-{model_id}"')
+            blob = EmbeddingBlob(arr.tobytes(), model_id, _etag(image_hash, model_id))
             self._remember(key, blob)
             self._ready.add(record.id)
             return blob
