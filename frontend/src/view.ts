@@ -177,6 +177,14 @@ export class View {
     const key = JSON.stringify([state.categories.map((c) => [c.id, c.name, this.colorOf(c)]), state.currentCategory]);
     if (key === this.categoriesKey) return;
     this.categoriesKey = key;
+    if (state.categories.length === 0) {
+      const o = document.createElement("option");
+      o.textContent = "object (created on the first save)";
+      o.disabled = true;
+      this.categorySelect.replaceChildren(o);
+      this.objectListKey = "";
+      return;
+    }
     this.categorySelect.replaceChildren(
       ...state.categories.map((c) => {
         const o = document.createElement("option");
@@ -225,7 +233,7 @@ export class View {
         const label = document.createElement("span");
         label.className = "label";
         const name = document.createElement("span");
-        name.textContent = c.level;
+        name.textContent = state.candidates.length > 1 ? `${i + 1} ${c.level}` : c.level;
         const iou = document.createElement("span");
         iou.textContent = c.iou.toFixed(2);
         label.append(name, iou);
@@ -290,10 +298,10 @@ export class View {
       const c = document.createElementNS(SVG, "circle");
       c.setAttribute("cx", String(x));
       c.setAttribute("cy", String(y));
-      c.setAttribute("r", String(5 * unit));
-      c.setAttribute("fill", state.prompt.labels[i] === 1 ? "#33dd66" : "#ff4444");
-      c.setAttribute("stroke", "#fff");
-      c.setAttribute("stroke-width", String(1.5 * unit));
+      c.setAttribute("r", String(6 * unit));
+      c.setAttribute("fill", state.prompt.labels[i] === 1 ? "#22cc55" : "#ee3333");
+      c.setAttribute("stroke", "#000");
+      c.setAttribute("stroke-width", String(2 * unit));
       nodes.push(c);
     });
     this.promptLayer.replaceChildren(...nodes);
