@@ -81,6 +81,30 @@ def test_export_works_as_cocoeval_results_and_scores_perfectly_against_itself(sa
     assert evaluator.stats[1] == pytest.approx(1.0)
 
 
+def test_the_direct_serializer_equals_the_generic_json_encoder(saved):
+    from trimask.coco_export import coco_bytes
+    from trimask.service import rle, storage
+
+    tmp_path, client, _ = saved
+    rng = np.random.default_rng(5)
+    while True:  # a mask whose compact counts hold a backslash, the one character JSON must escape
+        mask = (rng.random((30, 40)) > 0.5).astype(np.uint8)
+        if "\\" in rle.encode_mask(mask)["counts"]:
+            break
+    assert client.post("/api/images/1/annotations", json=annotation_body(mask, 1, score=None, level=None)).status_code == 201
+    conn = storage.connect(tmp_path / "annotations" / storage.DB_FILENAME)
+    expected = []
+    for row in conn.execute("SELECT * FROM annotations ORDER BY id"):
+        ann = storage.coco_annotation(row)
+        ann["score"] = 1.0 if ann["score"] is None else ann["score"]
+        expected.append(ann)
+    summary, data = coco_bytes(conn)
+    conn.close()
+    parsed = json.loads(data)
+    assert parsed["annotations"] == expected and summary.annotations == len(expected) == 13
+    assert json.dumps(parsed["annotations"], separators=(",", ":")).encode() in data
+
+
 def test_export_file_names_are_relative_to_the_images_folder(saved):
     _, client, _ = saved
     names = [i["file_name"] for i in client.get("/api/export/coco").get_json()["images"]]

@@ -44,7 +44,10 @@ def test_embedding_is_the_encoder_output_and_is_cached_on_disk(real_app, tmp_pat
     restarted = make_app(
         tmp_path, EMBEDDER=None, DECODER_FILE=None, MODEL_TYPE="tiny", CHECKPOINT=tiny_checkpoint,
         CACHE_DIR=tmp_path / "cache",
-    ).test_client()
+    )
+    restarted.extensions["trimask"].embeddings.survey_cache()  # what `serve` runs in the background at start
+    assert restarted.test_client().get("/api/status").get_json()["embeddings_cached"] == 1
+    restarted = restarted.test_client()
     again = restarted.get("/api/images/1/embedding")
     assert again.data == response.data and again.headers["ETag"] == response.headers["ETag"]
     status = restarted.get("/api/status").get_json()

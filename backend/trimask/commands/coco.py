@@ -62,12 +62,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     conn = _open(args.annotations, args.images, create=False)
     try:
-        coco, data = export_coco(conn, Path(args.out))
+        summary, data = export_coco(conn, Path(args.out))
     finally:
         conn.close()
     print(
-        f"wrote {len(coco['images'])} images, {len(coco['annotations'])} annotations and "
-        f"{len(coco['categories'])} categories to {args.out} ({len(data) / 1e6:.1f} MB)"
+        f"wrote {summary.images} images, {summary.annotations} annotations and "
+        f"{summary.categories} categories to {args.out} ({len(data) / 1e6:.1f} MB)"
     )
     return 0
 
