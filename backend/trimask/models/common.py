@@ -37,3 +37,16 @@ class LayerNorm2d(nn.Module):
         var = (x - mean).square().mean(dim=1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def sam_neck(in_chans: int, out_chans: int = 256) -> nn.Sequential:
+    """SAM's encoder neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no conv biases).
+
+    B x in_chans x H x W -> B x out_chans x H x W; indexes 0-3 are the checkpoints' ``neck.N`` keys.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trimask.models.common import LayerNorm2d, MLPBlock
+from trimask.models.common import MLPBlock, sam_neck
 
 # Which blocks attend globally (all others use 14x14 windows), as in the official models.
 GLOBAL_ATTN_INDEXES = {
@@ -230,12 +230,7 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = sam_neck(embed_dim, out_chans)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: B x 3 x 1024 x 1024 normalized and padded -> B x 256 x 64 x 64."""

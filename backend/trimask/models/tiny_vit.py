@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trimask.models.common import LayerNorm2d
+from trimask.models.common import sam_neck
 from trimask.models.image_encoder import window_partition, window_unpartition
 
 
@@ -254,12 +254,7 @@ class TinyViT(nn.Module):
         self.out_resolution = res
         self.norm_head = nn.LayerNorm(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = sam_neck(embed_dims[-1], out_chans)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: B x 3 x 1024 x 1024 -> B x 256 x 64 x 64."""
