@@ -42,12 +42,12 @@ SIZES = ((1536, 1024), (4000, 3000))  # (W, H)
 OFFICIAL_URL = "/bench/official.onnx"
 
 
-def write_images(folder: Path) -> list[str]:
+def write_images(folder: Path, sizes: list[tuple[int, int]]) -> list[str]:
     """Generated scenes resized to the benchmark sizes (content matters little for timing)."""
     from PIL import Image, ImageDraw
 
     names = []
-    for w, h in SIZES:
+    for w, h in sizes:
         try:
             from trimask.training.scenes import generate_scene
 
@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=15, help="timed clicks per configuration")
     parser.add_argument("--hovers", type=int, default=15, help="timed hover previews per configuration")
     parser.add_argument("--threads", default="1,2", help="WASM thread counts to time")
+    parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
 
     from playwright.sync_api import sync_playwright
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="trimask-bench-") as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "images").mkdir()
-        names = write_images(tmp / "images")
+        names = write_images(tmp / "images", sizes)
         margs, checkpoint = model_args(tmp)
         print("exporting the official-style decoder ...", file=sys.stderr)
         official = export_official(checkpoint, tmp / "official.onnx")

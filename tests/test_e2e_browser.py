@@ -607,3 +607,29 @@ def test_a_failing_embedding_shows_the_servers_message(annotator, server):
     assert a.page.get_attribute("[data-testid=stage]", "data-ready") == "false"
     # The only console error is the browser's own note about the 500.
     assert all("500" in e for e in a.errors), a.errors
+
+
+def test_object_list_hides_deletes_and_undo_brings_a_deleted_object_back(annotator, server, images):
+    a = annotator
+    record = server["images"]["shapes"]
+    a.open(record["id"])
+    start = len(a.server_annotations(record["id"]))
+    x, y = images["shapes"]["point"]
+    a.click(record, x, y)
+    a.wait_candidates(3)
+    a.page.keyboard.press("Enter")
+    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    row = a.page.locator(f"[data-testid=object][data-object-id='{saved['id']}']")
+    row.locator("[data-testid=object-hide]").click()
+    assert row.locator("[data-testid=object-hide]").inner_text() == "show"
+    assert len(a.server_annotations(record["id"])) == start + 1, "hiding is a view setting, not a deletion"
+    row.locator("[data-testid=object-delete]").click()
+    a.wait_server_count(record["id"], start)
+    a.wait_objects(start)
+    a.page.keyboard.press("Control+z")
+    anns = a.wait_server_count(record["id"], start + 1)
+    a.wait_objects(start + 1)
+    restored = anns[-1]
+    assert restored["segmentation"]["counts"] == saved["segmentation"]["counts"]
+    assert restored["category_id"] == saved["category_id"] and restored["level"] == saved["level"]
+    assert_no_console_errors(a)
