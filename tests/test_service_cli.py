@@ -60,3 +60,12 @@ def test_a_server_with_a_token_prints_it_in_the_url_and_refuses_requests_without
         assert status == 503 or status == 200
     finally:
         server.kill()
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_fails_at_start_in_one_line(tmp_path, capsys, tiny_checkpoint):  # noqa: F811
+    make_images(tmp_path / "images")
+    code = cli_main(["serve", "--images", str(tmp_path / "images"), "--annotations", str(tmp_path / "a"),
+                     "--model", "vit_t", "--checkpoint", str(tiny_checkpoint), "--port", "0", "--device", "cpu"])
+    assert code == 1
+    error = _one_line_error(capsys)
+    assert "vit_t cannot be loaded" in error and "does not fit" in error

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="access token every API request must carry (default: $TRIMASK_TOKEN); "
                         "required when --host is not a loopback address")
     parser.add_argument("--no-precompute", action="store_true",
-                        help="compute embeddings only when asked for (no background work ahead of the annotator)")
+                        help="load the model and compute embeddings only when first asked for "
+                        "(no work ahead of the annotator; a faster start)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     parser.set_defaults(func=run)
 
@@ -131,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
             model_identity("tiny")  # fails now, with a clear message, if the bundled weights are missing
         server.app = app
         if not args.no_precompute:
+            # Load the model now: a checkpoint that does not fit fails here, in one line, not at the first click.
+            print(f"trimask: loading the {args.model} model ...", flush=True)
+            app.extensions["trimask"].embeddings.embedder()
             threading.Thread(target=_warm_up, args=(app,), name="trimask-warm-up", daemon=True).start()
         host = args.host if ":" not in args.host else f"[{args.host}]"
         url = f"http://{host}:{server.port}/"
