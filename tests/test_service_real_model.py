@@ -54,7 +54,6 @@ def test_embedding_is_the_encoder_output_and_is_cached_on_disk(real_app, tmp_pat
     assert status["device"] == "cpu" and status["embeddings_cached"] == 1
 
 
-@pytest.mark.slow
 def test_served_decoder_runs_on_the_served_embedding(real_app):
     import onnxruntime as ort
 
