@@ -47,16 +47,29 @@ def get_image(image_id: int) -> Response:
     return jsonify(image_json(record, count))
 
 
+_reencode_memo: dict[Path, tuple[int, int, bool]] = {}
+
+
 def _needs_reencoding(path: Path) -> bool:
+    """True for formats browsers do not show and for files with an EXIF orientation.
+
+    Memoized by (mtime, size): reading a PNG's EXIF can mean decoding the whole file.
+    """
     if path.suffix.lower() not in BROWSER_FORMATS:
         return True
+    st = path.stat()
+    hit = _reencode_memo.get(path)
+    if hit and hit[:2] == (st.st_mtime_ns, st.st_size):
+        return hit[2]
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return int(im.getexif().get(0x0112, 1) or 1) != 1
+            needed = int(im.getexif().get(0x0112, 1) or 1) != 1
     except Exception:
-        return True  # let load_image report the problem
+        needed = True  # load_image will report the problem by name
+    _reencode_memo[path] = (st.st_mtime_ns, st.st_size, needed)
+    return needed
 
 
 def _display_png(record: ImageRecord) -> Path:
