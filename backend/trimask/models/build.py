@@ -108,7 +108,11 @@ _INIT_PATCH_LOCK = threading.Lock()
 @contextlib.contextmanager
 def _without_parameter_init() -> Iterator[None]:
     """Skip the default init of the standard layers while building a model whose every parameter
-    is about to be overwritten by a strict load (it takes ~7 s for ViT-H otherwise)."""
+    is about to be overwritten by a strict load (it takes ~7 s for ViT-H otherwise).
+
+    The patch is process-wide while it lasts (a fraction of a second); random-init builds in
+    build_sam wait for it on the same lock.
+    """
     classes = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.LayerNorm)
     with _INIT_PATCH_LOCK:
         saved = [(cls, cls.__dict__["reset_parameters"]) for cls in classes]
@@ -203,9 +207,13 @@ def load_checkpoint_into(sam: Sam, model_type: str, path: str | Path, state_dict
 def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_init: bool = False) -> Sam:
     """Build a SAM in eval mode on CPU, fp32.
 
-    Official types (vit_h, vit_l, vit_b, vit_t): checkpoint None (or random_init) gives a
-    deterministic random init in the official layout; a checkpoint is loaded strictly.
-    ``tiny``: checkpoint None loads the bundled weights (TrimaskError if missing, unless random_init).
+    Official types (vit_h, vit_l, vit_b, vit_t): checkpoint None gives a deterministic random
+    init in the official layout; a checkpoint is loaded strictly (TrimaskError naming the model
+    type, and the type the file looks like, when it does not fit).
+    ``tiny``: checkpoint None loads the bundled weights (TrimaskError if missing).
+    random_init=True always gives the deterministic random init and reads no file.
+    Our own checkpoints may be ``{"model": state_dict, "encoder_kwargs": {...}}``; for ``tiny``
+    the encoder_kwargs are passed to TinyImageEncoder.
     """
     _check_model_type(model_type)
     if checkpoint is None and model_type == "tiny" and not random_init:
@@ -213,7 +221,8 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_i
             raise TrimaskError(f"The bundled tiny model weights are missing: {BUNDLED_TINY_CHECKPOINT}.")
         checkpoint = BUNDLED_TINY_CHECKPOINT
     if checkpoint is None or random_init:
-        with torch.random.fork_rng(devices=[]):
+        # The lock keeps a concurrent _without_parameter_init from skipping this model's init.
+        with _INIT_PATCH_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_INIT_SEED)
             return construct_sam(model_type)
     state_dict, extra = read_checkpoint(checkpoint)
