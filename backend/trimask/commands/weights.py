@@ -9,7 +9,6 @@ from trimask.errors import TrimaskError
 from trimask.weights_table import (
     OFFICIAL_WEIGHTS,
     by_file_name,
-    by_model_type,
     by_sha256,
     default_weights_dir,
     presence,
