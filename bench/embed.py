@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO / "tests"))  # checkpoint_factory: official-format r
 import checkpoint_factory  # noqa: E402  (also installs the torchvision stand-in)
 
 from trimask.embedder import Embedder, available_cores, resolve_device  # noqa: E402
-from trimask.models import build_sam  # noqa: E402
 
 
 def bench_image(height: int = 1200, width: int = 1600) -> np.ndarray:
@@ -132,9 +131,6 @@ def bench_model(model_type: str, image: np.ndarray, args: argparse.Namespace, wo
         batch = [image] * (embedder.batch_size * 2)
         times = [timed(lambda: embedder.embed_batch(batch), device) for _ in range(args.runs + 1)][1:]
         row["batched (s/img)"] = f"{statistics.median(times) / len(batch):.4f}"
-    del embedder, reference
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 

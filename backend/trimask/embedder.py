@@ -135,7 +135,9 @@ class Embedder:
         self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else choose_compute_dtype(self.device)
         self.cache = cache
-        self.batch_size = batch_size or (DEFAULT_CUDA_BATCH if self.device.type == "cuda" else 1)
+        if batch_size is None:
+            batch_size = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else 1
+        self.batch_size = batch_size
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if self.device.type == "cpu":
@@ -201,7 +203,8 @@ class Embedder:
         """
         if self.cache is None:
             return self.embed_image(load_image(path))
-        stored = self.cache.get_or_compute(content_hash(path), self.identity, lambda: self.embed_image(load_image(path)))
+        image_hash = content_hash(path)
+        stored = self.cache.get_or_compute(image_hash, self.identity, lambda: self.embed_image(load_image(path)))
         return stored.astype(np.float32)
 
     def embed_files(self, paths: Sequence[str | os.PathLike[str]]) -> list[np.ndarray | TrimaskError]:

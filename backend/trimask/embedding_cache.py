@@ -87,7 +87,7 @@ class EmbeddingCache:
     def put(self, image_hash: str, model_id: str, embedding: np.ndarray) -> np.ndarray:
         """Store ``embedding`` (cast to float16) atomically, replacing any entry; returns what was stored."""
         array = as_cache_array(embedding)
-        _write_atomic(self.path(image_hash, model_id), array)
+        save_npy_atomic(self.path(image_hash, model_id), array)
         return array
 
     def get_or_compute(
@@ -111,7 +111,7 @@ class EmbeddingCache:
             if cached is not None:
                 return cached
             array = as_cache_array(compute())
-            _write_atomic(final, array)
+            save_npy_atomic(final, array)
             return array
 
 
@@ -127,13 +127,15 @@ def _read_entry(path: Path) -> np.ndarray | None:
     return array
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save ``array`` to ``path`` via a fsynced temporary in the same folder and a rename,
+    so readers see the old file, no file, or the whole new one; never a partial one."""
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise TrimaskError(f"Cannot write to the embedding cache folder {folder}: {exc.strerror or exc}.") from exc
+        raise TrimaskError(f"Cannot write to the folder {folder}: {exc.strerror or exc}.") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -169,7 +171,8 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+b")
     except OSError as exc:
-        raise TrimaskError(f"Cannot write to the embedding cache folder {lock_path.parent}: {exc.strerror or exc}.") from exc
+        reason = exc.strerror or exc
+        raise TrimaskError(f"Cannot write to the embedding cache folder {lock_path.parent}: {reason}.") from exc
     with handle:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)

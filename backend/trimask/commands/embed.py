@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from trimask.errors import TrimaskError
@@ -36,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the <stem>.npy files (created if missing)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the <stem>.npy files (created if missing)")
     parser.add_argument("--model", default="tiny", choices=MODEL_CHOICES,
                         help="SAM model (default: tiny, the embedded default model)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -83,24 +82,11 @@ def collect_images(inputs: list[str]) -> list[Path]:
     for p in paths:
         if p.stem in by_stem:
             raise TrimaskError(
-                f"{by_stem[p.stem]} and {p} would both be written to {p.stem}.npy; embed them into different --out folders."
+                f"{by_stem[p.stem]} and {p} would both be written to {p.stem}.npy; "
+                "embed them into different --out folders."
             )
         by_stem[p.stem] = p
     return paths
-
-
-def _save_npy(path: Path, array) -> None:
-    """Write atomically, so an interrupted run never leaves a half .npy behind."""
-    import numpy as np
-
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trimask.embedder import Embedder
-    from trimask.embedding_cache import EmbeddingCache
+    from trimask.embedding_cache import EmbeddingCache, save_npy_atomic
 
     if args.batch_size is not None and args.batch_size < 1:
         raise TrimaskError("--batch-size must be at least 1.")
@@ -134,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
                     failures += 1
                     tqdm.write(f"trimask embed: error: {result}", file=sys.stderr)
                 else:
-                    _save_npy(out / f"{path.stem}.npy", np.ascontiguousarray(result, dtype=np.float32))
+                    save_npy_atomic(out / f"{path.stem}.npy", np.ascontiguousarray(result, dtype=np.float32))
                 bar.update(1)
     return 1 if failures else 0
