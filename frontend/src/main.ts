@@ -3,10 +3,9 @@
  * out their effects (decoder, HTTP) and asks the view to draw the new state.
  */
 import { api, ApiError } from "./api";
-import { encodeMask } from "./coco_rle";
 import { clientToImage, IDENTITY_VIEW, imageToFrame, panBy, zoomAt, type ViewTransform } from "./coordinates";
 import { DecoderClient, type DecodeKind } from "./decoder_client";
-import { postprocessLowRes } from "./mask_postprocess";
+import { MaskEncoder } from "./mask_encoder";
 import {
   addCategory,
   addPoint,
@@ -68,6 +67,7 @@ const decoder = new DecoderClient({
   wasmPaths: "/ort/",
   style: settings.style,
 });
+const maskEncoder = new MaskEncoder();
 decoder.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
 
 function setState(next: SessionState): void {
@@ -224,21 +224,22 @@ async function ensureCategory(): Promise<void> {
 }
 
 async function acceptChosen(): Promise<void> {
-  const candidate = chosenCandidate(state);
-  if (!candidate || !state.result || !state.image || saving) return;
+  if (!chosenCandidate(state) || !state.result || !state.image || saving) return;
   saving = true;
   try {
     await ensureCategory();
-    const { image, result } = state;
+    const from = state;
+    const candidate = chosenCandidate(from)!;
+    const { image, result } = from;
+    if (!image || !result) return;
     const logits = result.lowRes.subarray(candidate.token * LOW_RES_PIXELS, (candidate.token + 1) * LOW_RES_PIXELS);
-    const rle = encodeMask(postprocessLowRes(logits, image.height, image.width));
-    const body = annotationBody(state, rle);
+    const rle = await maskEncoder.encode(logits, image.height, image.width);
+    const body = annotationBody(from, rle);
     if (!body) return;
-    const imageId = image.id;
-    const saved = await api.createAnnotation(imageId, body);
-    if (state.image?.id !== imageId) return;
-    setState(objectSaved(state, saved));
-    bumpCount(imageId, +1);
+    const saved = await api.createAnnotation(image.id, body);
+    if (state.image?.id !== image.id) return;
+    setState(objectSaved(state, saved, from));
+    bumpCount(image.id, +1);
   } catch (e) {
     reportError(e);
   } finally {

@@ -215,8 +215,20 @@ export function annotationBody(state: SessionState, segmentation: AnnotationBody
   return { category_id: state.currentCategory, segmentation, score: c.iou, level: c.level, prompt: { points, labels, box } };
 }
 
-/** The service stored an object: list it, clear the prompt; undo deletes it and brings the prompt back. */
-export function objectSaved(state: SessionState, annotation: Annotation): SessionState {
+/**
+ * The service stored an object: list it, clear the prompt; undo deletes it and brings the prompt
+ * back. `from` is the state the save started from; if the prompt changed while the request was
+ * out, the new prompt stays and undo brings back the saved one.
+ */
+export function objectSaved(state: SessionState, annotation: Annotation, from: SessionState = state): SessionState {
+  if (from.promptVersion !== state.promptVersion) {
+    return {
+      ...state,
+      objects: [...state.objects, annotation],
+      undo: pushUndo(state, { kind: "save", annotation, snapshot: snapshot(from) }),
+      redo: [],
+    };
+  }
   return {
     ...state,
     objects: [...state.objects, annotation],

@@ -253,3 +253,19 @@ describe("categories", () => {
     expect(s.objects.map((o) => o.id)).toEqual([3]);
   });
 });
+
+describe("saving while the prompt changes", () => {
+  it("keeps a prompt started during the save and still makes the save undoable", () => {
+    let s = addPoint(started(), 5, 5, 1);
+    s = applyResult(s, s.promptVersion, output([0.5, 0.3, 0.05, 0.6], [0.1, 0.95, 0.7, 0.9]));
+    const from = s;
+    s = clearPrompt(s);
+    s = addPoint(s, 20, 20, 1);
+    s = objectSaved(s, annotation(11), from);
+    expect(s.objects.map((o) => o.id)).toEqual([11]);
+    expect(s.prompt.points).toEqual([[20, 20]]);
+    const [after, effects] = undo(s);
+    expect(effects[0]).toEqual({ type: "delete", id: 11 });
+    expect(after.prompt.points).toEqual([[5, 5]]);
+  });
+});
