@@ -151,6 +151,9 @@ def test_embed_path_computes_once_then_reads_the_cache(tiny: Embedder, tmp_path:
     expected = tiny.embed_image(load_image(path)).astype(np.float16)
     np.testing.assert_array_equal(cache.get(content_hash(path), "tiny-random"), expected)
     np.testing.assert_array_equal(first, expected.astype(np.float32))
+    # A caller that already hashed the file passes the hash; the same entry is found.
+    np.testing.assert_array_equal(cached.embed_path(path, image_hash=content_hash(path)), first)
+    assert len(calls) == 1
 
 
 def test_embed_path_without_cache_is_exact_float32(tiny: Embedder, tmp_path: Path) -> None:

@@ -194,16 +194,19 @@ class Embedder:
             outputs.append(self._encode(chunk).cpu())
         return torch.cat(outputs).numpy()
 
-    def embed_path(self, path: str | os.PathLike[str]) -> np.ndarray:
+    def embed_path(self, path: str | os.PathLike[str], *, image_hash: str | None = None) -> np.ndarray:
         """The embedding of an image file, np.float32 ``[1, 256, 64, 64]``.
 
         With a cache, the result is the cached float16 value (computed and stored
         first if missing), so every caller sees the same numbers as the browser.
+        ``image_hash`` (the file's :func:`~trimask.image_io.content_hash`) saves
+        hashing the file again when the caller already has it.
         Raises TrimaskError naming the file when it cannot be read as an image.
         """
         if self.cache is None:
             return self.embed_image(load_image(path))
-        image_hash = content_hash(path)
+        if image_hash is None:
+            image_hash = content_hash(path)
         stored = self.cache.get_or_compute(image_hash, self.identity, lambda: self.embed_image(load_image(path)))
         return stored.astype(np.float32)
 
