@@ -345,6 +345,16 @@ class Annotator:
             time.sleep(0.1)
         raise AssertionError(f"expected {count} annotations on the server, found {len(anns)}")
 
+    def start_on(self, record: dict) -> int:
+        """Opens the image; returns how many objects the server has for it."""
+        self.open(record["id"])
+        return len(self.server_annotations(record["id"]))
+
+    def accept(self, record: dict, count: int) -> dict:
+        """Enter, then waits until the server holds `count` objects; returns the newest."""
+        self.page.keyboard.press("Enter")
+        return self.wait_server_count(record["id"], count)[-1]
+
     def clear_and_settle(self) -> None:
         self.page.keyboard.press("Escape")
         self.page.wait_for_function("document.querySelectorAll('[data-testid=candidate]').length === 0")
@@ -415,8 +425,7 @@ def test_click_shows_three_levels_and_each_saved_mask_equals_python_decoder(anno
 def test_saved_objects_survive_a_reload_and_are_in_the_coco_export(annotator, server, images):
     a = annotator
     record = server["images"]["scene"]
-    a.open(record["id"])
-    start = len(a.server_annotations(record["id"]))
+    start = a.start_on(record)
     a.wait_objects(start)
     x, y = images["scene"]["point"]
     a.click(record, x, y)
@@ -468,8 +477,7 @@ def test_undo_redo_of_prompt_points_and_of_a_saved_object(annotator, server, ima
 def test_box_prompt_saves_the_single_mask_python_gives(annotator, server, python_decoder, images):
     a = annotator
     record = server["images"]["shapes"]
-    a.open(record["id"])
-    start = len(a.server_annotations(record["id"]))
+    start = a.start_on(record)
     x0, y0, x1, y1 = images["shapes"]["box"]
     c0 = a.client_xy(record, x0, y0)
     c1 = a.client_xy(record, x1, y1)
@@ -479,8 +487,7 @@ def test_box_prompt_saves_the_single_mask_python_gives(annotator, server, python
     a.page.mouse.move(*c1, steps=4)
     a.page.mouse.up()
     assert [c["level"] for c in a.wait_candidates(1)] == ["single"]
-    a.page.keyboard.press("Enter")
-    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    saved = a.accept(record, start + 1)
     assert saved["prompt"]["points"] == []
     bx = saved["prompt"]["box"]
     assert bx[0] == pytest.approx(x0 + 0.5, abs=1.5) and bx[3] == pytest.approx(y1 + 0.5, abs=1.5)
@@ -491,8 +498,7 @@ def test_box_prompt_saves_the_single_mask_python_gives(annotator, server, python
 def test_background_click_refines_the_chosen_candidate_like_python(annotator, server, python_decoder, images):
     a = annotator
     record = server["images"]["shapes"]
-    a.open(record["id"])
-    start = len(a.server_annotations(record["id"]))
+    start = a.start_on(record)
     x, y = images["shapes"]["point"]
     a.click(record, x, y)
     a.wait_candidates(3)
@@ -500,8 +506,7 @@ def test_background_click_refines_the_chosen_candidate_like_python(annotator, se
     bx, by = images["shapes"]["bg_point"]
     a.click(record, bx, by, button="right")
     assert [c["level"] for c in a.wait_candidates(1)] == ["single"]
-    a.page.keyboard.press("Enter")
-    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    saved = a.accept(record, start + 1)
     assert saved["prompt"]["labels"] == [1, 0]
     # Python replays the session: first click -> "whole" token's logits -> mask_input of the refinement.
     hw = (record["height"], record["width"])
@@ -527,8 +532,7 @@ def test_new_category_labels_new_objects_and_relabelling_reaches_the_server(anno
     x, y = images["shapes"]["point"]
     a.click(record, x, y)
     a.wait_candidates(3)
-    a.page.keyboard.press("Enter")
-    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    saved = a.accept(record, start + 1)
     assert saved["category_id"] == cats["wheel"]
     # Relabel that object to another category from the object list.
     other = http_json(server["base"], "/api/categories", "POST", {"name": "tyre"})
@@ -572,8 +576,7 @@ def test_clicks_stay_exact_when_zoomed_and_panned(annotator, server):
     a.page.mouse.click(cx, cy)
     a.wait_candidates(3)
     start = len(a.server_annotations(record["id"]))
-    a.page.keyboard.press("Enter")
-    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    saved = a.accept(record, start + 1)
     px, py = saved["prompt"]["points"][0]
     assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5
     assert_no_console_errors(a)
@@ -612,13 +615,11 @@ def test_a_failing_embedding_shows_the_servers_message(annotator, server):
 def test_object_list_hides_deletes_and_undo_brings_a_deleted_object_back(annotator, server, images):
     a = annotator
     record = server["images"]["shapes"]
-    a.open(record["id"])
-    start = len(a.server_annotations(record["id"]))
+    start = a.start_on(record)
     x, y = images["shapes"]["point"]
     a.click(record, x, y)
     a.wait_candidates(3)
-    a.page.keyboard.press("Enter")
-    saved = a.wait_server_count(record["id"], start + 1)[-1]
+    saved = a.accept(record, start + 1)
     row = a.page.locator(f"[data-testid=object][data-object-id='{saved['id']}']")
     row.locator("[data-testid=object-hide]").click()
     assert row.locator("[data-testid=object-hide]").inner_text() == "show"

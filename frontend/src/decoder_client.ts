@@ -5,17 +5,12 @@
  * behind them.
  */
 import type { DecodeOutput } from "./session";
-import type { DecodeRequest, DecoderStyle, ExecutionBackend, WorkerMessage, WorkerRequest } from "./worker_protocol";
+import type { DecodeRequest, DecoderStyle, ExecutionBackend, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
 
 export type DecodeKind = "hover" | "click";
 
-export interface DecodeJob {
+export interface DecodeJob extends PromptInputs {
   kind: DecodeKind;
-  imageId: number;
-  coords: Float32Array;
-  labels: Float32Array;
-  maskInput: Float32Array | null;
-  origHw: [number, number];
 }
 
 export interface DecoderOptions {
@@ -123,16 +118,8 @@ export class DecoderClient {
     else this.waiting.hover = null;
     const id = this.nextId++;
     this.running = { ...next, id, followers: [] };
-    const { job } = next;
-    const req: DecodeRequest = {
-      type: "decode",
-      id,
-      imageId: job.imageId,
-      coords: job.coords,
-      labels: job.labels,
-      maskInput: job.maskInput,
-      origHw: job.origHw,
-    };
+    const { kind: _kind, ...inputs } = next.job;
+    const req: DecodeRequest = { type: "decode", id, ...inputs };
     this.post(req);
   }
 

@@ -1,4 +1,5 @@
 /** Messages between the page and the decoder Web Worker (decoder.worker.ts). */
+import type { DecodeOutput } from "./session";
 
 export type ExecutionBackend = "wasm" | "webgpu";
 
@@ -24,9 +25,8 @@ export interface EmbeddingRequest {
   fp16: ArrayBuffer;
 }
 
-export interface DecodeRequest {
-  type: "decode";
-  id: number;
+/** One prompt for the decoder, already in the decoder's terms. */
+export interface PromptInputs {
   imageId: number;
   /** Points in SAM's 1024 frame, flattened [x0, y0, x1, y1, ...], box corners included. */
   coords: Float32Array;
@@ -36,6 +36,11 @@ export interface DecodeRequest {
   maskInput: Float32Array | null;
   /** Original image (H, W). */
   origHw: [number, number];
+}
+
+export interface DecodeRequest extends PromptInputs {
+  type: "decode";
+  id: number;
 }
 
 export type WorkerRequest = InitRequest | EmbeddingRequest | DecodeRequest;
@@ -51,15 +56,9 @@ export interface EmbeddingReadyMessage {
   imageId: number;
 }
 
-export interface ResultMessage {
+export interface ResultMessage extends DecodeOutput {
   type: "result";
   id: number;
-  iou: Float32Array;
-  areas: Float32Array;
-  display: Uint8Array;
-  displayH: number;
-  displayW: number;
-  lowRes: Float32Array;
   /** Time spent in session.run plus output handling, ms. */
   decodeMs: number;
 }
