@@ -210,8 +210,10 @@ export class View {
   }
 
   private drawCandidates(state: SessionState): void {
-    if (state.result !== this.candidateKey) {
-      this.candidateKey = state.result;
+    const pending = state.prompt.points.length > 0 || state.prompt.box !== null;
+    const key = state.result ?? (pending ? "pending" : "idle");
+    if (key !== this.candidateKey) {
+      this.candidateKey = key;
       this.candidateCanvases = [];
       const result = state.result;
       const thumb = this.thumbnailSource();
@@ -220,6 +222,7 @@ export class View {
         if (mask) this.candidateCanvases.push(mask);
         const button = document.createElement("button");
         button.className = "candidate";
+        button.setAttribute("role", "option");
         button.dataset.testid = "candidate";
         button.dataset.level = c.level;
         button.dataset.iou = c.iou.toFixed(4);
@@ -242,7 +245,13 @@ export class View {
         button.addEventListener("click", () => this.onCandidate(i));
         return button;
       });
-      this.candidatesBox.replaceChildren(...buttons);
+      if (buttons.length) this.candidatesBox.replaceChildren(...buttons);
+      else {
+        const hint = document.createElement("p");
+        hint.className = "hint";
+        hint.textContent = pending ? "Decoding…" : "Click an object to see its subpart, part and whole.";
+        this.candidatesBox.replaceChildren(hint);
+      }
     }
     this.candidatesBox.querySelectorAll<HTMLElement>("[data-testid=candidate]").forEach((b, i) => {
       b.setAttribute("aria-selected", i === state.chosen ? "true" : "false");
