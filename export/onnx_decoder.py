@@ -52,6 +52,7 @@ thresholds, so display and accepted masks agree up to a display pixel.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -251,13 +252,21 @@ def quantize_file(src: Path, dst: Path) -> None:
     """Dynamic uint8 weight quantization (weights uint8, activations quantized per call)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        model_input=str(src),
-        model_output=str(dst),
-        per_channel=False,
-        reduce_range=False,
-        weight_type=QuantType.QUInt8,
-    )
+    # quantize_dynamic logs a root-level hint to run its shape pre-processing; it
+    # only helps static quantization, and the hint would reach the CLI user.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            model_input=str(src),
+            model_output=str(dst),
+            per_channel=False,
+            reduce_range=False,
+            weight_type=QuantType.QUInt8,
+        )
+    finally:
+        root.setLevel(level)
 
 
 def export_decoder(sam: nn.Module, out_path: str | Path, *, quantize: bool = False) -> Path:

@@ -1,0 +1,102 @@
+"""decoder_file: exported once per model identity, atomically, even with concurrent callers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from trimask.errors import TrimaskError
+from trimask.export import decoder_cache
+from trimask.models.build import model_identity
+
+
+def _fake_export(log: Path, delay: float = 0.3):
+    """An export_decoder stand-in that records each call and is slow enough to overlap."""
+
+    def export(sam, out_path, *, quantize=False):
+        with open(log, "a") as handle:
+            handle.write("export\n")
+        time.sleep(delay)
+        Path(out_path).write_bytes(b"onnx")
+        return Path(out_path)
+
+    return export
+
+
+def test_first_call_exports_into_the_identity_folder_and_later_calls_reuse_it(tmp_path):
+    path = decoder_cache.decoder_file("vit_b", None, tmp_path)
+    assert path == tmp_path / model_identity("vit_b") / "decoder.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()][:2] == ["iou_predictions", "low_res_masks"]
+    mtime = path.stat().st_mtime_ns
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path) == path
+    assert path.stat().st_mtime_ns == mtime
+    # No temporary files are left next to it.
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["decoder.onnx"]
+
+
+def test_quantized_file_is_made_from_the_cached_fp32_file(tmp_path):
+    quant = decoder_cache.decoder_file("vit_b", None, tmp_path, quantize=True)
+    fp32 = tmp_path / model_identity("vit_b") / "decoder.onnx"
+    assert quant.name == "decoder.quant.onnx" and fp32.is_file()
+    assert quant.stat().st_size < 0.4 * fp32.stat().st_size
+    ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
+
+
+def test_concurrent_threads_export_once(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    monkeypatch.setattr(decoder_cache, "export_decoder", _fake_export(log))
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        decoder_cache.decoder_file("vit_b", None, tmp_path / "cache"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert log.read_text().count("export") == 1
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from trimask.export import decoder_cache
+
+def export(sam, out_path, *, quantize=False):
+    with open(sys.argv[2], "a") as handle:
+        handle.write("export\\n")
+    time.sleep(0.5)
+    Path(out_path).write_bytes(b"onnx")
+    return Path(out_path)
+
+decoder_cache.export_decoder = export
+print(decoder_cache.decoder_file("vit_b", None, sys.argv[1]))
+"""
+
+
+def test_concurrent_processes_export_once(tmp_path):
+    log = tmp_path / "log"
+    cache = tmp_path / "cache"
+    children = [
+        subprocess.Popen([sys.executable, "-c", _CHILD, str(cache), str(log)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=120)[0].strip() for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert outputs[0] == outputs[1] == str(cache / model_identity("vit_b") / "decoder.onnx")
+    assert log.read_text().count("export") == 1
+    assert Path(outputs[0]).read_bytes() == b"onnx"
+
+
+def test_unknown_model_and_unwritable_folder_raise_one_clear_error(tmp_path):
+    with pytest.raises(TrimaskError, match="vit_z"):
+        decoder_cache.decoder_file("vit_z", None, tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrimaskError, match="cache folder"):
+        decoder_cache.decoder_file("vit_b", None, blocker / "cache")
