@@ -9,6 +9,9 @@ Measured from the page's own debug hook (window.__trimaskTimings):
   previews per second drawn while the pointer keeps moving (throughput).
 - open -> ready: navigation start -> data-ready (decoder loaded, embedding in the worker).
 
+Clicks and hovers are taken in turn across the decoders' pages (one page each), so
+load from other work on the machine hits every decoder alike and the ratios stay fair.
+
 For trimask's decoder (fp32 and quantized) and for SAM's official export style (one
 graph returning four float masks at full image resolution, exported with the onnx
 helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
@@ -142,23 +145,20 @@ class Session:
     def count(self, kind: str) -> int:
         return self.page.evaluate(f"window.__trimaskTimings.{kind}.length")
 
-    def clicks(self, n: int, warmup: int = 2) -> list[float]:
-        rng = np.random.default_rng(0)
-        for _ in range(n + warmup):
-            self.page.keyboard.press("Escape")
-            before = self.count("click")
-            self.page.mouse.click(*self.client(*rng.uniform(0.15, 0.85, 2)))
-            self.page.wait_for_function(f"window.__trimaskTimings.click.length > {before}", timeout=600_000)
-        return self.page.evaluate("window.__trimaskTimings.click")[warmup:], self.page.evaluate("window.__trimaskTimings.decode")[warmup:]
-
-    def hovers(self, n: int, warmup: int = 2) -> list[float]:
+    def click_once(self, fx: float, fy: float) -> None:
+        """One click on an empty prompt, waiting until its candidates are drawn."""
         self.page.keyboard.press("Escape")
-        rng = np.random.default_rng(1)
-        for _ in range(n + warmup):
-            before = self.count("hover")
-            self.page.mouse.move(*self.client(*rng.uniform(0.15, 0.85, 2)))
-            self.page.wait_for_function(f"window.__trimaskTimings.hover.length > {before}", timeout=600_000)
-        return self.page.evaluate("window.__trimaskTimings.hover")[warmup:]
+        before = self.count("click")
+        self.page.mouse.click(*self.client(fx, fy))
+        self.page.wait_for_function(f"window.__trimaskTimings.click.length > {before}", timeout=600_000)
+
+    def hover_once(self, fx: float, fy: float) -> None:
+        before = self.count("hover")
+        self.page.mouse.move(*self.client(fx, fy))
+        self.page.wait_for_function(f"window.__trimaskTimings.hover.length > {before}", timeout=600_000)
+
+    def timings(self, kind: str, warmup: int) -> list[float]:
+        return self.page.evaluate(f"window.__trimaskTimings.{kind}")[warmup:]
 
     def hover_rate(self, seconds: float = 4.0) -> float:
         """Previews drawn per second while the pointer sweeps the image continuously."""
@@ -178,6 +178,40 @@ class Session:
         if self.errors:
             print(f"page errors: {self.errors}", file=sys.stderr)
         self.context.close()
+
+
+def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict, official: bytes, args) -> list[dict]:
+    """All decoders on one image and thread count, one page each, clicks taken in turn so
+    load from elsewhere on the machine hits every decoder alike (the ratio stays fair)."""
+    label = f"{im['width']}x{im['height']} threads={threads}"
+    print(f"  {label}: clicks", file=sys.stderr)
+    pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", official if "official" in name else None)
+             for name, q in decoders.items()}
+    rng = np.random.default_rng(0)
+    warmup = 2
+    for _ in range(args.clicks + warmup):
+        fx, fy = rng.uniform(0.15, 0.85, 2)
+        for s in pages.values():
+            s.click_once(fx, fy)
+    rows = {name: dict(image=f"{im['width']} x {im['height']}", decoder=name, threads=threads,
+                       click=s.timings("click", warmup), decode=s.timings("decode", warmup), ready=s.ready_ms,
+                       hover=[], rate=float("nan"))
+            for name, s in pages.items()}
+    for s in pages.values():
+        s.close()
+    print(f"  {label}: hovers", file=sys.stderr)
+    hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", None)
+                   for name, q in decoders.items() if "official" not in name}
+    for _ in range(args.hovers + warmup):
+        fx, fy = rng.uniform(0.15, 0.85, 2)
+        for s in hover_pages.values():
+            s.page.keyboard.press("Escape")
+            s.hover_once(fx, fy)
+    for name, s in hover_pages.items():
+        rows[name]["hover"] = s.timings("hover", warmup)
+        rows[name]["rate"] = s.hover_rate()
+        s.close()
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,20 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 for im in images:
                     for n in threads:
-                        for name, q in decoders.items():
-                            print(f"  {im['width']}x{im['height']} {name} threads={n}", file=sys.stderr)
-                            s = Session(browser, base, im, f"threads={n}&hover=0&{q}", official if "official" in name else None)
-                            clicks, decode = s.clicks(args.clicks if "official" not in name or im["width"] < 3000 else max(5, args.clicks // 2))
-                            ready = s.ready_ms
-                            s.close()
-                            hover, rate = [], float("nan")
-                            if "official" not in name:
-                                s = Session(browser, base, im, f"threads={n}&{q}", None)
-                                hover = s.hovers(args.hovers)
-                                rate = s.hover_rate()
-                                s.close()
-                            rows.append(dict(image=f"{im['width']} x {im['height']}", decoder=name, threads=n,
-                                             click=clicks, decode=decode, hover=hover, rate=rate, ready=ready))
+                        rows += time_interleaved(browser, base, im, n, decoders, official, args)
                 browser.close()
         finally:
             proc.terminate()

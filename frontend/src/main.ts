@@ -4,7 +4,7 @@
  */
 import { api, ApiError } from "./api";
 import { clientToImage, IDENTITY_VIEW, imageToFrame, panBy, zoomAt, type ViewTransform } from "./coordinates";
-import { DecoderClient, type DecodeKind } from "./decoder_client";
+import { DecoderClient, type DecodeJob, type DecodeKind } from "./decoder_client";
 import { MaskEncoder } from "./mask_encoder";
 import {
   addCategory,
@@ -34,6 +34,7 @@ import {
   undo,
   type DecodeOutput,
   type Effect,
+  type PromptStep,
   type SessionState,
 } from "./session";
 import { readSettings } from "./settings";
@@ -113,9 +114,10 @@ async function openImageAt(index: number): Promise<void> {
   try {
     const [objects, embedding] = await Promise.all([api.annotations(image.id), api.embedding(image.id), view.imageLoaded()]);
     if (token !== openToken) return;
-    setState({ ...state, objects });
+    setState(openImage(state, image, objects));
     view.setLoading("Loading the decoder…");
     await decoder.ready();
+    if (token !== openToken) return;
     await decoder.setEmbedding(image.id, embedding.fp16);
     if (token !== openToken) return;
     embeddingReady = true;
@@ -137,25 +139,17 @@ function withImageParam(id: number): string {
 
 // ---------------------------------------------------------------- decoding
 
-function decodeJob(kind: DecodeKind, s: SessionState) {
-  const image = s.image!;
+/** A decoder job for a prompt on an image: points and box into SAM's 1024 frame. */
+function decodeJob(kind: DecodeKind, image: ImageInfo, prompt: PromptStep): DecodeJob {
   const toFrame = ([x, y]: [number, number]) => imageToFrame(x, y, image.height, image.width);
-  const points = s.prompt.points.map(toFrame);
   let box: [number, number, number, number] | null = null;
-  if (s.prompt.box) {
-    const [x0, y0] = toFrame([s.prompt.box[0], s.prompt.box[1]]);
-    const [x1, y1] = toFrame([s.prompt.box[2], s.prompt.box[3]]);
+  if (prompt.box) {
+    const [x0, y0] = toFrame([prompt.box[0], prompt.box[1]]);
+    const [x1, y1] = toFrame([prompt.box[2], prompt.box[3]]);
     box = [x0, y0, x1, y1];
   }
-  const inputs = encodePromptInputs(points, s.prompt.labels, box);
-  return {
-    kind,
-    imageId: image.id,
-    coords: inputs.coords,
-    labels: inputs.labels,
-    maskInput: s.prompt.maskInput,
-    origHw: [image.height, image.width] as [number, number],
-  };
+  const inputs = encodePromptInputs(prompt.points.map(toFrame), prompt.labels, box);
+  return { kind, imageId: image.id, ...inputs, maskInput: prompt.maskInput, origHw: [image.height, image.width] };
 }
 
 /** Decodes the current prompt; the result is kept only if the prompt has not changed meanwhile. */
@@ -163,7 +157,7 @@ async function decodePrompt(t0: number): Promise<void> {
   if (!isReady() || isPromptEmpty(state.prompt)) return;
   const version = state.promptVersion;
   try {
-    const out = await decoder.decode(decodeJob("click", state));
+    const out = await decoder.decode(decodeJob("click", state.image!, state.prompt));
     if (!out) return;
     const before = state;
     setState(applyResult(state, version, out));
@@ -179,18 +173,9 @@ async function decodePrompt(t0: number): Promise<void> {
 async function hoverAt(x: number, y: number, t0: number): Promise<void> {
   if (!settings.hover || !isReady() || !isPromptEmpty(state.prompt)) return;
   const image = state.image!;
-  const [fx, fy] = imageToFrame(x, y, image.height, image.width);
-  const inputs = encodePromptInputs([[fx, fy]], [1], null);
   try {
     const version = state.promptVersion;
-    const out = await decoder.decode({
-      kind: "hover",
-      imageId: image.id,
-      coords: inputs.coords,
-      labels: inputs.labels,
-      maskInput: null,
-      origHw: [image.height, image.width],
-    });
+    const out = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
     // A click or another image since then makes this preview stale.
     if (!out || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
     const candidates = candidatesFor(out, true);
