@@ -10,6 +10,8 @@ the machine hits all alike), at two image sizes:
   is valid for any size (the official script bakes the traced size in).
 - ``ours fp32`` and ``ours quantized``: trimask's decoder.onnx
   (low-res logits + 512-px uint8 display masks + areas).
+- ``ours ..., prepared``: the optional fast path (decoder_prepared.onnx after
+  decoder_prepare.onnx ran once for the image; see prepared_decoder.py).
 
 Then the agreement of the quantized decoder with fp32: IoU of each token's
 thresholded mask over many prompts on embeddings of real images (the
@@ -17,7 +19,10 @@ scikit-image sample photos and generated scenes) from the same model.
 
     .venv/bin/python bench/decoder.py [--model tiny] [--clicks 200] [--threads 2]
 
-Prints markdown tables (medians and p95 in ms, ratio to the official style).
+Prints markdown tables: wall-clock median and p95 in ms with ``--threads``
+intra-op threads and the ratio to the official style; and, because wall time on
+a shared 2-core machine depends on what else runs, the median CPU time of the
+same clicks on one thread (``time.thread_time``) and its ratio, which does not.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from torch.nn import functional as F
 
 from trimask.export import verify
 from trimask.export.onnx_decoder import INPUT_NAMES, DecoderOnnx, example_inputs, export_decoder, resized_size
+from trimask.export.prepared_decoder import PREPARED_INPUTS, export_prepared_decoder
 
 SIZES = ((1024, 1536), (3000, 4000))
 
@@ -111,17 +117,34 @@ def embed(sam: torch.nn.Module, images: list[np.ndarray]) -> list[tuple[np.ndarr
     return [(sam.image_encoder(preprocess(image)).numpy(), image.shape[:2]) for image in images]
 
 
-def time_clicks(sessions: dict, embeddings: list[np.ndarray], size: tuple[int, int], clicks: int, seed: int):
-    """-> {name: array of per-click seconds}; one prompt per click, every session runs it in turn."""
+def time_clicks(
+    sessions: dict,
+    embeddings: list[np.ndarray],
+    states: list[dict],
+    size: tuple[int, int],
+    clicks: int,
+    seed: int,
+    clock=time.perf_counter,
+):
+    """-> {name: array of per-click seconds}; one prompt per click, every session runs it in turn.
+
+    clock: time.perf_counter (wall) or time.thread_time (CPU time of this thread: with
+    one intra-op thread onnxruntime computes on the caller's thread, so this counts the
+    work alone, not the waiting when other processes load the machine).
+
+    Sessions whose name contains "prepared" get the image's prepared state instead of the mask inputs.
+    """
     rng = np.random.default_rng(seed)
     times = {name: [] for name in sessions}
     for i in range(clicks + 10):
-        feeds = verify.onnx_feeds(embeddings[i % len(embeddings)], verify.random_prompt(rng, size), size)
+        image = i % len(embeddings)
+        feeds = verify.onnx_feeds(embeddings[image], verify.random_prompt(rng, size), size)
+        prepared_feeds = {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | states[image]
         for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
+            start = clock()
+            sess.run(None, prepared_feeds if "prepared" in name else feeds)
             if i >= 10:  # warm-up clicks are not counted
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: np.array(values) for name, values in times.items()}
 
 
@@ -146,12 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             "official style (4 full-res f32 masks)": Path(tmp) / "official.onnx",
             "ours fp32": Path(tmp) / "decoder.onnx",
             "ours quantized": Path(tmp) / "decoder.quant.onnx",
+            "ours fp32, prepared": Path(tmp) / "decoder_prepared.onnx",
+            "ours quantized, prepared": Path(tmp) / "decoder_prepared.quant.onnx",
         }
         names = list(paths)
         export_official_style(sam, paths[names[0]])
         export_decoder(sam, paths[names[1]])
         export_decoder(sam, paths[names[2]], quantize=True)
+        prepare_path = Path(tmp) / "decoder_prepare.onnx"
+        export_prepared_decoder(sam, prepare_path, paths[names[3]])
+        export_prepared_decoder(sam, Path(tmp) / "unused.onnx", paths[names[4]], quantize=True)
         sessions = {name: session(path, args.threads) for name, path in paths.items()}
+        prepare = session(prepare_path, args.threads)
         sizes_mb = {name: os.path.getsize(path) / 1e6 for name, path in paths.items()}
 
         images = sample_images()
@@ -161,18 +190,34 @@ def main(argv: list[str] | None = None) -> int:
             (rng.standard_normal((1, 256, 64, 64)) * 0.3).astype(np.float32) for _ in range(4)
         ]
 
+        prepare_names = [o.name for o in prepare.get_outputs()]
+        states, prepare_times = [], []
+        for embedding in timing_embeddings * 3:
+            start = time.perf_counter()
+            outputs = prepare.run(None, {"image_embeddings": embedding})
+            prepare_times.append(time.perf_counter() - start)
+            states.append(dict(zip(prepare_names, outputs)))
+        states = states[: len(timing_embeddings)]
+
         print(f"\nPer-click decode time, onnxruntime {__import__('onnxruntime').__version__} CPU, "
               f"{args.threads} threads, model {identity}, {args.clicks} clicks (mixed points / boxes)\n")
-        print("| image (H x W) | decoder | file MB | p50 ms | p95 ms | p50 vs official |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        print("| image (H x W) | decoder | file MB | p50 ms | p95 ms | p50 vs official "
+              "| CPU ms, 1 thread (p50) | CPU vs official |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        single = {name: session(path, 1) for name, path in paths.items()}
         for size in SIZES:
-            times = time_clicks(sessions, timing_embeddings, size, args.clicks, seed=size[0])
-            base = np.median(times[names[0]])
+            times = time_clicks(sessions, timing_embeddings, states, size, args.clicks, seed=size[0])
+            cpu = time_clicks(single, timing_embeddings, states, size, args.clicks, seed=size[0], clock=time.thread_time)
+            base, cpu_base = np.median(times[names[0]]), np.median(cpu[names[0]])
             for name in names:
                 p50, p95 = np.median(times[name]) * 1e3, np.percentile(times[name], 95) * 1e3
+                cpu_p50 = np.median(cpu[name]) * 1e3
                 print(f"| {size[0]} x {size[1]} | {name} | {sizes_mb[name]:.1f} | {p50:.1f} | {p95:.1f} "
-                      f"| {np.median(times[name]) / base:.2f}x |")
+                      f"| {np.median(times[name]) / base:.2f}x | {cpu_p50:.1f} | {np.median(cpu[name]) / cpu_base:.2f}x |")
             sys.stdout.flush()
+        print(f"\n\"prepared\": decoder_prepare.onnx ({os.path.getsize(prepare_path) / 1e6:.1f} MB) runs once per "
+              f"image, median {np.median(prepare_times) * 1e3:.1f} ms; the click graph then skips the first "
+              f"layer's image-side projections and takes no mask input.")
 
         if embedded:
             print(f"\nQuantized vs fp32 agreement ({len(embedded)} images embedded by {identity}, "

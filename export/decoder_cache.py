@@ -1,6 +1,8 @@
 """The exported decoder of a model, made once and kept on disk.
 
-Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``.
+Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``
+(plus ``decoder_prepare.onnx``, ``decoder_prepared[.quant].onnx`` of the optional
+fast path when asked for).
 The identity (``model_identity``) names the weights, so a different checkpoint
 gets its own files and a stale decoder is never served. Files appear by
 ``os.replace`` of a finished temporary file, and an exclusive ``flock`` on a
@@ -12,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from trimask.errors import TrimaskError
 from trimask.export.onnx_decoder import export_decoder, quantize_file
+from trimask.export.prepared_decoder import export_prepared_decoder
 
-FP32_NAME = "decoder.onnx"
-QUANT_NAME = "decoder.quant.onnx"
+# part -> file stem; "prepare" / "prepared" are the optional two-graph fast path
+# (see trimask.export.prepared_decoder), exported together.
+PARTS = {"decoder": "decoder", "prepare": "decoder_prepare", "prepared": "decoder_prepared"}
 
 
 @contextlib.contextmanager
@@ -40,17 +45,24 @@ def decoder_file(
     cache_dir: str | Path,
     *,
     quantize: bool = False,
+    part: str = "decoder",
 ) -> Path:
-    """Path of the decoder ONNX file for this model, exporting it on first use.
+    """Path of an ONNX file of this model's decoder, exporting it on first use.
 
-    The quantized file is made from the fp32 one (exported first if needed).
-    Raises TrimaskError when the cache folder cannot be written or the model
-    cannot be built (unknown type, unreadable checkpoint).
+    part: "decoder" (decoder.onnx, the complete graph), or the optional fast
+    path's "prepare" (decoder_prepare.onnx, never quantized: it is small) and
+    "prepared" (decoder_prepared.onnx). A quantized file is made from the fp32
+    one (exported first if needed). Raises TrimaskError when the cache folder
+    cannot be written or the model cannot be built (unknown type, unreadable
+    checkpoint).
     """
     from trimask.models.build import build_sam, model_identity
 
+    if part not in PARTS:
+        raise TrimaskError(f"unknown decoder part {part!r}; choose one of {', '.join(PARTS)}")
+    quantize = quantize and part != "prepare"
     folder = Path(cache_dir) / model_identity(model_type, checkpoint)
-    path = folder / (QUANT_NAME if quantize else FP32_NAME)
+    path = folder / (PARTS[part] + (".quant" if quantize else "") + ".onnx")
     if path.is_file():
         return path
     try:
@@ -58,18 +70,24 @@ def decoder_file(
     except OSError as exc:
         raise TrimaskError(f"cannot create the decoder cache folder {folder}: {exc.strerror}") from exc
     if quantize:
-        fp32 = decoder_file(model_type, checkpoint, cache_dir)
-        with _exclusive(folder / (QUANT_NAME + ".lock")):
+        fp32 = decoder_file(model_type, checkpoint, cache_dir, part=part)
+        with _exclusive(folder / (path.name + ".lock")):
             if not path.is_file():
-                tmp = folder / f".{QUANT_NAME}.{os.getpid()}.tmp"
+                tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
                 try:
                     quantize_file(fp32, tmp)
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
         return path
-    with _exclusive(folder / (FP32_NAME + ".lock")):
+    lock_name = "decoder" if part == "decoder" else "prepared"  # the two fast-path files come together
+    with _exclusive(folder / (lock_name + ".lock")):
         if not path.is_file():  # another caller may have finished while we waited
             sam = build_sam(model_type, checkpoint)
-            export_decoder(sam, path)
+            if part == "decoder":
+                export_decoder(sam, path)
+            else:
+                export_prepared_decoder(
+                    sam, folder / (PARTS["prepare"] + ".onnx"), folder / (PARTS["prepared"] + ".onnx")
+                )
     return path

@@ -180,6 +180,12 @@ class DecoderOnnx(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
         )
+        return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+
+    def with_display(
+        self, iou_predictions: torch.Tensor, low_res_masks: torch.Tensor, orig_im_size: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder outputs -> (iou_predictions, low_res_masks, display_masks, areas)."""
         inside = self.display(low_res_masks, orig_im_size) > self.mask_threshold
         display_masks = inside.to(torch.uint8) * 255
         areas = inside.to(torch.float32).mean(dim=(2, 3))
@@ -207,14 +213,14 @@ OUTPUT_SHAPES: dict[str, tuple[int | str, ...]] = {
 }
 
 
-def _fix_output_shapes(path: Path) -> None:
+def _fix_output_shapes(path: Path, shapes: dict[str, tuple[int | str, ...]]) -> None:
     """Write the known output shapes into the graph (static where they are fixed)."""
     import onnx
 
     model = onnx.load(str(path))
     for output in model.graph.output:
         dims = output.type.tensor_type.shape.dim
-        for dim, value in zip(dims, OUTPUT_SHAPES[output.name]):
+        for dim, value in zip(dims, shapes[output.name]):
             dim.Clear()
             if isinstance(value, int):
                 dim.dim_value = value
@@ -223,29 +229,41 @@ def _fix_output_shapes(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _export_fp32(sam: nn.Module, path: Path) -> None:
-    module = DecoderOnnx(sam).eval()
-    dynamic_axes = {
-        "point_coords": {1: "num_points"},
-        "point_labels": {1: "num_points"},
-        "display_masks": {2: "display_height", 3: "display_width"},
-    }
+def trace_to_onnx(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_shapes: dict[str, tuple[int | str, ...]],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """torch.onnx.export (TorchScript tracer, opset 17) + the declared output shapes."""
     # The tracer warns about Python scalars (e.g. sqrt of the head size) that are
     # constants of the architecture anyway; keep the CLI output clean.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module,
-            example_inputs(),
+            module.eval(),
+            args,
             str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            input_names=input_names,
+            output_names=list(output_shapes),
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
         )
-    _fix_output_shapes(path)
+    _fix_output_shapes(path, output_shapes)
+
+
+POINT_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+DISPLAY_AXES = {"display_masks": {2: "display_height", 3: "display_width"}}
+
+
+def _export_fp32(sam: nn.Module, path: Path) -> None:
+    trace_to_onnx(
+        DecoderOnnx(sam), example_inputs(), path, list(INPUT_NAMES), OUTPUT_SHAPES, POINT_AXES | DISPLAY_AXES
+    )
 
 
 def quantize_file(src: Path, dst: Path) -> None:
@@ -275,18 +293,23 @@ def export_decoder(sam: nn.Module, out_path: str | Path, *, quantize: bool = Fal
     Written to a temporary file next to ``out_path`` and moved into place, so a
     reader never sees a partial file. Returns ``out_path``.
     """
-    import onnx
-
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         fp32 = Path(tmp) / "decoder.onnx"
         _export_fp32(sam, fp32)
-        onnx.checker.check_model(str(fp32), full_check=True)
-        final = fp32
-        if quantize:
-            final = Path(tmp) / "decoder.quant.onnx"
-            quantize_file(fp32, final)
-            onnx.checker.check_model(str(final))
-        os.replace(final, out_path)
+        _finish(fp32, out_path, quantize)
     return out_path
+
+
+def _finish(fp32: Path, out_path: Path, quantize: bool) -> None:
+    """Check the traced file, quantize it if asked, and move the result to out_path."""
+    import onnx
+
+    onnx.checker.check_model(str(fp32), full_check=True)
+    final = fp32
+    if quantize:
+        final = fp32.with_name(fp32.stem + ".quant.onnx")
+        quantize_file(fp32, final)
+        onnx.checker.check_model(str(final))
+    os.replace(final, out_path)

@@ -100,3 +100,18 @@ def test_unknown_model_and_unwritable_folder_raise_one_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(TrimaskError, match="cache folder"):
         decoder_cache.decoder_file("vit_b", None, blocker / "cache")
+
+
+def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path):
+    prepare = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare")
+    folder = tmp_path / model_identity("vit_b")
+    assert prepare == folder / "decoder_prepare.onnx"
+    assert (folder / "decoder_prepared.onnx").is_file()  # made in the same export
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared") == folder / "decoder_prepared.onnx"
+    # The prepare graph is never quantized (it is small); the per-click graph can be.
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare", quantize=True) == prepare
+    quant = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared", quantize=True)
+    assert quant == folder / "decoder_prepared.quant.onnx"
+    ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
+    with pytest.raises(TrimaskError, match="part"):
+        decoder_cache.decoder_file("vit_b", None, tmp_path, part="encoder")

@@ -201,3 +201,26 @@ def test_cli_exports_a_loadable_file_and_reports_bad_models_in_one_line(tmp_path
     assert cli_main(["export-onnx", "--model", "vit_b", "--checkpoint", str(tmp_path / "none.pth"),
                      "--out", str(tmp_path / "y.onnx")]) == 1
     assert not (tmp_path / "y.onnx").exists()
+
+
+def test_prepared_fast_path_gives_the_same_outputs_as_decoder_onnx(sam, session, tmp_path):
+    """decoder_prepare.onnx once per image + decoder_prepared.onnx per click == decoder.onnx."""
+    from trimask.export.prepared_decoder import PREPARED_INPUTS, export_prepared_decoder
+
+    prepare_path, prepared_path = export_prepared_decoder(sam, tmp_path / "prepare.onnx", tmp_path / "prepared.onnx")
+    for path in (prepare_path, prepared_path):
+        onnx.checker.check_model(str(path), full_check=True)
+    prepare = ort.InferenceSession(str(prepare_path), providers=["CPUExecutionProvider"])
+    prepared = ort.InferenceSession(str(prepared_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in prepared.get_inputs()] == list(PREPARED_INPUTS)
+    assert [o.name for o in prepared.get_outputs()] == [o.name for o in session.get_outputs()]
+    embedding = _embedding(11)
+    state = dict(zip([o.name for o in prepare.get_outputs()], prepare.run(None, {"image_embeddings": embedding})))
+    rng = np.random.default_rng(3)
+    for kind, size in [("point", (480, 640)), ("points", (3000, 4000)), ("box", (1500, 843)), ("box+points", (1024, 1536))]:
+        feeds = verify.onnx_feeds(embedding, verify.random_prompt(rng, size, kind), size)
+        full = session.run(None, feeds)
+        fast = prepared.run(None, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state)
+        np.testing.assert_allclose(fast[0], full[0], rtol=1e-5, atol=1e-6)
+        assert np.abs(fast[1] - full[1]).max() <= 1e-5 * np.abs(full[1]).max()
+        assert ((fast[2] > 0) != (full[2] > 0)).sum() <= 2
