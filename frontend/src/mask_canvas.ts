@@ -8,18 +8,38 @@ export function hexToRgb(hex: string): Rgb {
   return m ? [parseInt(m[1], 16), parseInt(m[2], 16), parseInt(m[3], 16)] : [255, 127, 14];
 }
 
-/** One token of a [T x H x W] 0/255 display mask as a tinted, half-transparent canvas. */
+/** An RGBA pixel as one little-endian Uint32 (ImageData's memory order is R, G, B, A). */
+function rgba(rgb: Rgb, alpha: number): number {
+  return ((alpha << 24) | (rgb[2] << 16) | (rgb[1] << 8) | rgb[0]) >>> 0;
+}
+
+/**
+ * Paints the pixels where mask[offset + i] is non-zero: the inside at `fillAlpha`, the
+ * boundary (a 4-neighbour outside the mask or the image) opaque, so shapes stay legible.
+ */
+export function tintMask(px: Uint32Array, mask: Uint8Array, offset: number, w: number, h: number, rgb: Rgb, fillAlpha: number): void {
+  const fill = rgba(rgb, fillAlpha);
+  const edge = rgba(rgb, 255);
+  for (let y = 0; y < h; y++) {
+    const row = offset + y * w;
+    for (let x = 0; x < w; x++) {
+      if (!mask[row + x]) continue;
+      const onEdge =
+        x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
+        !mask[row + x - 1] || !mask[row + x + 1] || !mask[row + x - w] || !mask[row + x + w];
+      px[y * w + x] = onEdge ? edge : fill;
+    }
+  }
+}
+
+/** One token of a [T x H x W] 0/255 display mask as a tinted canvas with an opaque outline. */
 export function displayMaskCanvas(display: Uint8Array, token: number, h: number, w: number, rgb: Rgb, alpha = 140): HTMLCanvasElement {
   const canvas = document.createElement("canvas");
   canvas.width = w;
   canvas.height = h;
   const ctx = canvas.getContext("2d")!;
   const img = ctx.createImageData(w, h);
-  const px = new Uint32Array(img.data.buffer);
-  // ImageData is RGBA in memory; on little-endian machines that is ABGR as a Uint32.
-  const colour = ((alpha << 24) | (rgb[2] << 16) | (rgb[1] << 8) | rgb[0]) >>> 0;
-  const base = token * h * w;
-  for (let i = 0; i < h * w; i++) if (display[base + i]) px[i] = colour;
+  tintMask(new Uint32Array(img.data.buffer), display, token * h * w, w, h, rgb, alpha);
   ctx.putImageData(img, 0, 0);
   return canvas;
 }
@@ -36,12 +56,9 @@ export function sampleMask(mask: ColumnMajorMask, h: number, w: number): Uint8Ar
   return out;
 }
 
-/** Paints 0/1 masks in their colours over one ImageData (later masks on top). */
+/** Paints 0/1 masks of size w x h in their colours over one ImageData (later masks on top). */
 export function paintMasks(img: ImageData, masks: { data: Uint8Array; rgb: Rgb; alpha: number }[]): void {
   const px = new Uint32Array(img.data.buffer);
   px.fill(0);
-  for (const m of masks) {
-    const colour = ((m.alpha << 24) | (m.rgb[2] << 16) | (m.rgb[1] << 8) | m.rgb[0]) >>> 0;
-    for (let i = 0; i < m.data.length; i++) if (m.data[i]) px[i] = colour;
-  }
+  for (const m of masks) tintMask(px, m.data, 0, img.width, img.height, m.rgb, m.alpha);
 }

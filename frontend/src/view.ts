@@ -10,7 +10,7 @@ import type { DecodeOutput, SessionState } from "./session";
 import type { Category, ImageInfo } from "./types";
 
 const CANDIDATE_RGB: Rgb = [77, 163, 255];
-const THUMB_WIDTH = 120;
+const THUMB_WIDTH = 160;
 const OBJECT_LAYER_LONG_SIDE = 1024;
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
 const COLORS_KEY = "trimask.categoryColors";
@@ -180,7 +180,6 @@ export class View {
     if (state.categories.length === 0) {
       const o = document.createElement("option");
       o.textContent = "object (created on the first save)";
-      o.disabled = true;
       this.categorySelect.replaceChildren(o);
       this.objectListKey = "";
       return;
@@ -239,6 +238,7 @@ export class View {
         name.textContent = state.candidates.length > 1 ? `${i + 1} ${c.level}` : c.level;
         const iou = document.createElement("span");
         iou.textContent = c.iou.toFixed(2);
+        iou.title = "predicted IoU";
         label.append(name, iou);
         button.append(canvas, label);
         button.addEventListener("mousedown", (e) => e.preventDefault()); // keep focus off: Enter saves
