@@ -634,3 +634,21 @@ def test_object_list_hides_deletes_and_undo_brings_a_deleted_object_back(annotat
     assert restored["segmentation"]["counts"] == saved["segmentation"]["counts"]
     assert restored["category_id"] == saved["category_id"] and restored["level"] == saved["level"]
     assert_no_console_errors(a)
+
+
+def test_loading_state_shows_until_the_embedding_arrives(annotator, server):
+    a = annotator
+    record = server["images"]["scene"]
+    held = []
+    a.page.route(re.compile(r".*/api/images/\d+/embedding$"), lambda route: held.append(route))
+    a.page.goto(f"{server['base']}/?image={record['id']}", wait_until="domcontentloaded")
+    a.page.wait_for_function("document.querySelector('[data-testid=loading]').textContent.includes('embedding')")
+    assert a.page.is_visible("[data-testid=loading]")
+    assert a.page.get_attribute("[data-testid=stage]", "data-ready") == "false"
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        a.page.wait_for_timeout(50)
+    held[0].continue_()
+    a.wait_ready(record["id"])
+    assert not a.page.is_visible("[data-testid=loading]")
+    assert_no_console_errors(a)
