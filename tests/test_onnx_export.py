@@ -224,3 +224,102 @@ def test_prepared_fast_path_gives_the_same_outputs_as_decoder_onnx(sam, session,
         np.testing.assert_allclose(fast[0], full[0], rtol=1e-5, atol=1e-6)
         assert np.abs(fast[1] - full[1]).max() <= 1e-5 * np.abs(full[1]).max()
         assert ((fast[2] > 0) != (full[2] > 0)).sum() <= 2
+
+
+_ORT_WEB_RUN = """
+import fs from "node:fs";
+import { pathToFileURL } from "node:url";
+const [modulePath, modelPath, dir] = process.argv.slice(2);
+const ort = await import(pathToFileURL(modulePath).href);
+ort.env.wasm.numThreads = 1;
+const session = await ort.InferenceSession.create(fs.readFileSync(modelPath), { executionProviders: ["wasm"] });
+const inputs = JSON.parse(fs.readFileSync(`${dir}/inputs.json`));
+const feeds = {};
+for (const [name, shape] of Object.entries(inputs)) {
+  const buf = fs.readFileSync(`${dir}/${name}.bin`);
+  feeds[name] = new ort.Tensor("float32", new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4), shape);
+}
+const out = await session.run(feeds);
+const shapes = {};
+for (const [name, tensor] of Object.entries(out)) {
+  fs.writeFileSync(`${dir}/out_${name}.bin`, Buffer.from(tensor.data.buffer, tensor.data.byteOffset, tensor.data.byteLength));
+  shapes[name] = [tensor.type, tensor.dims];
+}
+fs.writeFileSync(`${dir}/outputs.json`, JSON.stringify(shapes));
+"""
+
+
+def _ort_web_module():
+    import shutil
+    from pathlib import Path
+
+    module = Path(__file__).resolve().parent.parent / "frontend/node_modules/onnxruntime-web/dist/ort.node.min.mjs"
+    if shutil.which("node") is None or not module.is_file():
+        pytest.skip("node or frontend/node_modules/onnxruntime-web is not installed")
+    return module
+
+
+def _run_in_ort_web(model_path, feeds: dict[str, np.ndarray], tmp_path) -> dict[str, np.ndarray]:
+    """Run a model in onnxruntime-web's WASM backend (in Node) -> its outputs."""
+    import json
+    import subprocess
+
+    module = _ort_web_module()
+    for name, value in feeds.items():
+        value.astype(np.float32).tofile(tmp_path / f"{name}.bin")
+    (tmp_path / "inputs.json").write_text(json.dumps({k: list(v.shape) for k, v in feeds.items()}))
+    script = tmp_path / "run.mjs"
+    script.write_text(_ORT_WEB_RUN)
+    subprocess.run(["node", str(script), str(module), str(model_path), str(tmp_path)], check=True, timeout=300)
+    dtypes = {"float32": np.float32, "uint8": np.uint8}
+    shapes = json.loads((tmp_path / "outputs.json").read_text())
+    return {
+        name: np.fromfile(tmp_path / f"out_{name}.bin", dtype=dtypes[kind]).reshape(dims)
+        for name, (kind, dims) in shapes.items()
+    }
+
+
+@pytest.mark.slow
+def test_decoder_runs_in_onnxruntime_web_wasm_with_the_same_outputs(onnx_path, session, quantized_session, tmp_path):
+    """The browser's runtime (onnxruntime-web, WASM backend, run in Node) has every op of the
+    fp32 and quantized graphs and computes the same outputs as native onnxruntime."""
+    _ort_web_module()
+    size = (1500, 843)
+    feeds = verify.onnx_feeds(_embedding(21), verify.random_prompt(np.random.default_rng(4), size, "box+points"), size)
+    for name, (path, native) in {"fp32": (onnx_path, session), "quant": quantized_session}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        web = _run_in_ort_web(path, feeds, folder)
+        expected = dict(zip([o.name for o in native.get_outputs()], native.run(None, feeds)))
+        assert set(web) == set(expected)
+        for key, value in expected.items():
+            assert web[key].shape == value.shape and web[key].dtype == value.dtype
+        scale = np.abs(expected["low_res_masks"]).max()
+        if name == "fp32":
+            assert np.abs(web["low_res_masks"] - expected["low_res_masks"]).max() <= 1e-4 * scale
+            assert ((web["display_masks"] > 0) != (expected["display_masks"] > 0)).sum() <= 4
+            np.testing.assert_allclose(web["iou_predictions"], expected["iou_predictions"], atol=1e-4)
+        else:
+            # Integer kernels differ between the WASM and x86 builds (activation rounding), so the
+            # quantized graph agrees as closely as quantized and fp32 do, not to float precision.
+            for token in range(4):
+                assert verify.mask_iou(web["low_res_masks"][0, token] > 0, expected["low_res_masks"][0, token] > 0) >= 0.95
+            np.testing.assert_allclose(web["iou_predictions"], expected["iou_predictions"], atol=0.02)
+
+
+@pytest.mark.slow
+def test_prepared_fast_path_runs_in_onnxruntime_web_wasm(sam, session, tmp_path):
+    from trimask.export.prepared_decoder import PREPARED_INPUTS, export_prepared_decoder
+
+    _ort_web_module()
+    prepare_path, prepared_path = export_prepared_decoder(sam, tmp_path / "prepare.onnx", tmp_path / "prepared.onnx")
+    size = (1024, 1536)
+    embedding = _embedding(22)
+    feeds = verify.onnx_feeds(embedding, verify.random_prompt(np.random.default_rng(5), size, "points"), size)
+    (tmp_path / "a").mkdir()
+    state = _run_in_ort_web(prepare_path, {"image_embeddings": embedding}, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    web = _run_in_ort_web(prepared_path, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state, tmp_path / "b")
+    expected = session.run(["low_res_masks", "display_masks"], feeds)
+    assert np.abs(web["low_res_masks"] - expected[0]).max() <= 1e-4 * np.abs(expected[0]).max()
+    assert ((web["display_masks"] > 0) != (expected[1] > 0)).sum() <= 4
