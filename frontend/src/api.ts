@@ -51,7 +51,14 @@ export const api = {
   status: () => json<Record<string, unknown>>("GET", "/api/status", "Reading the server status"),
   images: () => json<ImageInfo[]>("GET", "/api/images", "Listing the images"),
   imageUrl: (id: number) => `/api/images/${id}/file`,
-  decoderUrl: (quantized: boolean) => (quantized ? "/api/decoder.onnx?quantized=1" : "/api/decoder.onnx"),
+  /** part: "decoder" (complete), or the optional fast path's "prepare" / "prepared". */
+  decoderUrl: (quantized: boolean, part: "decoder" | "prepare" | "prepared" = "decoder") => {
+    const q = new URLSearchParams();
+    if (quantized) q.set("quantized", "1");
+    if (part !== "decoder") q.set("part", part);
+    const query = q.toString();
+    return query ? `/api/decoder.onnx?${query}` : "/api/decoder.onnx";
+  },
 
   async embedding(id: number): Promise<EmbeddingPayload> {
     const response = await request("GET", `/api/images/${id}/embedding`, "Computing the image embedding");

@@ -5,7 +5,7 @@
  */
 import * as ortWasm from "onnxruntime-web/wasm";
 import { float16ToFloat32 } from "./float16";
-import type { DecodeRequest, DecoderStyle, InitRequest, WorkerMessage, WorkerRequest } from "./worker_protocol";
+import { PREPARED_NAMES, type DecodeRequest, type DecoderStyle, type InitRequest, type WorkerMessage, type WorkerRequest } from "./worker_protocol";
 
 type Ort = typeof ortWasm;
 
@@ -17,6 +17,10 @@ let session: ortWasm.InferenceSession | null = null;
 let style: DecoderStyle = "trimask";
 let embedding: ortWasm.Tensor | null = null;
 let embeddingImageId = -1;
+/** Fast path: the per-image graph, the per-click graph, and this image's prepared tensors. */
+let prepareSession: ortWasm.InferenceSession | null = null;
+let preparedSession: ortWasm.InferenceSession | null = null;
+let prepared: Record<string, ortWasm.Tensor> | null = null;
 const zeroMask = new Float32Array(LOW_RES * LOW_RES);
 
 const post = (msg: WorkerMessage, transfer: Transferable[] = []) => (self as DedicatedWorkerGlobalScope).postMessage(msg, transfer);
@@ -43,20 +47,40 @@ async function init(req: InitRequest): Promise<void> {
   ort.env.wasm.wasmPaths = req.wasmPaths;
   ort.env.wasm.numThreads = req.numThreads;
   ort.env.logLevel = "error";
-  const response = await fetch(req.modelUrl);
-  if (!response.ok) throw new Error(`could not download the decoder (${req.modelUrl}: HTTP ${response.status})`);
-  const bytes = new Uint8Array(await response.arrayBuffer());
-  style = req.style;
-  session = await ort.InferenceSession.create(bytes, {
+  const options: ortWasm.InferenceSession.SessionOptions = {
     executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"],
     graphOptimizationLevel: "all",
-  });
-  post({ type: "ready", backend, numThreads: req.numThreads });
+  };
+  style = req.style;
+  session = await ort.InferenceSession.create(await download(req.modelUrl), options);
+  if (req.fastPath && style === "trimask") await loadFastPath(req.fastPath, options);
+  post({ type: "ready", backend, numThreads: req.numThreads, fastPath: preparedSession !== null });
 }
 
-function setEmbedding(imageId: number, fp16: ArrayBuffer): void {
+async function download(url: string): Promise<Uint8Array> {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`could not download the decoder (${url}: HTTP ${response.status})`);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+/** Loads the optional fast path; any mismatch (e.g. a server without it) leaves decoder.onnx alone in use. */
+async function loadFastPath(urls: { prepareUrl: string; preparedUrl: string }, options: ortWasm.InferenceSession.SessionOptions): Promise<void> {
+  try {
+    const prepare = await ort.InferenceSession.create(await download(urls.prepareUrl), options);
+    if (!PREPARED_NAMES.every((n) => prepare.outputNames.includes(n))) return;
+    const decoder = await ort.InferenceSession.create(await download(urls.preparedUrl), options);
+    if (!PREPARED_NAMES.every((n) => decoder.inputNames.includes(n))) return;
+    prepareSession = prepare;
+    preparedSession = decoder;
+  } catch {
+    // not served: the complete decoder.onnx does everything
+  }
+}
+
+async function setEmbedding(imageId: number, fp16: ArrayBuffer): Promise<void> {
   embedding = new ort.Tensor("float32", float16ToFloat32(fp16), EMBEDDING_DIMS);
   embeddingImageId = imageId;
+  prepared = prepareSession ? await prepareSession.run({ image_embeddings: embedding }) : null;
   post({ type: "embedding-ready", imageId });
 }
 
@@ -102,7 +126,21 @@ async function decode(req: DecodeRequest): Promise<void> {
     post(msg, [display.buffer, lowRes.buffer]);
     return;
   }
-  const out = await session.run(feeds, ["iou_predictions", "low_res_masks", "display_masks", "areas"]);
+  const names = ["iou_predictions", "low_res_masks", "display_masks", "areas"];
+  // Without mask_input the fast path gives the same outputs with the image-side work done once.
+  const out =
+    !req.maskInput && preparedSession && prepared
+      ? await preparedSession.run(
+          {
+            image_embeddings: embedding,
+            point_coords: feeds.point_coords,
+            point_labels: feeds.point_labels,
+            orig_im_size: feeds.orig_im_size,
+            ...prepared,
+          },
+          names,
+        )
+      : await session.run(feeds, names);
   const dims = out.display_masks.dims as number[];
   const display = owned(out.display_masks.data as Uint8Array);
   const lowRes = owned(out.low_res_masks.data as Float32Array);
@@ -124,7 +162,7 @@ self.onmessage = async (event: MessageEvent<WorkerRequest>) => {
   const req = event.data;
   try {
     if (req.type === "init") await init(req);
-    else if (req.type === "embedding") setEmbedding(req.imageId, req.fp16);
+    else if (req.type === "embedding") await setEmbedding(req.imageId, req.fp16);
     else if (req.type === "decode") await decode(req);
   } catch (e) {
     post({ type: "error", id: req.type === "decode" ? req.id : null, message: errorText(e) });

@@ -15,10 +15,17 @@ export interface DecodeJob extends PromptInputs {
 
 export interface DecoderOptions {
   modelUrl: string;
+  fastPath: { prepareUrl: string; preparedUrl: string } | null;
   backend: ExecutionBackend;
   numThreads: number;
   wasmPaths: string;
   style: DecoderStyle;
+}
+
+export interface ReadyInfo {
+  backend: ExecutionBackend;
+  numThreads: number;
+  fastPath: boolean;
 }
 
 /** Resolved with the output, or null when a newer request of the same kind superseded this one. */
@@ -35,14 +42,14 @@ export class DecoderClient {
   private nextId = 1;
   private running: (Waiting & { id: number; followers: Settle[] }) | null = null;
   private waiting: { click: Waiting | null; hover: Waiting | null } = { click: null, hover: null };
-  private readyPromise: Promise<{ backend: ExecutionBackend; numThreads: number }>;
+  private readyPromise: Promise<ReadyInfo>;
   private embeddingWaiters = new Map<number, () => void>();
   /** Set when init or an embedding fails; shown to the user by the controller. */
   onFatal: (message: string) => void = () => {};
 
   constructor(options: DecoderOptions) {
     this.worker = new Worker(new URL("./decoder.worker.ts", import.meta.url), { type: "module" });
-    let resolveReady!: (v: { backend: ExecutionBackend; numThreads: number }) => void;
+    let resolveReady!: (v: ReadyInfo) => void;
     let rejectReady!: (e: Error) => void;
     this.readyPromise = new Promise((res, rej) => {
       resolveReady = res;
@@ -50,7 +57,7 @@ export class DecoderClient {
     });
     this.worker.onmessage = (event: MessageEvent<WorkerMessage>) => {
       const msg = event.data;
-      if (msg.type === "ready") resolveReady({ backend: msg.backend, numThreads: msg.numThreads });
+      if (msg.type === "ready") resolveReady({ backend: msg.backend, numThreads: msg.numThreads, fastPath: msg.fastPath });
       else if (msg.type === "embedding-ready") {
         this.embeddingWaiters.get(msg.imageId)?.();
         this.embeddingWaiters.delete(msg.imageId);
@@ -70,7 +77,7 @@ export class DecoderClient {
     this.post({ type: "init", ...options });
   }
 
-  ready(): Promise<{ backend: ExecutionBackend; numThreads: number }> {
+  ready(): Promise<ReadyInfo> {
     return this.readyPromise;
   }
 

@@ -61,15 +61,31 @@ let saving = false;
 /** The latest hover decode and where (image px) it was asked for. */
 let hoverPreview: { out: DecodeOutput; token: number; imageId: number; x: number; y: number } | null = null;
 
-const decoder = new DecoderClient({
-  modelUrl: settings.decoderUrl ?? api.decoderUrl(settings.quantized),
-  backend: settings.backend,
-  numThreads: settings.numThreads,
-  wasmPaths: "/ort/",
-  style: settings.style,
-});
+/** Created in start(), once the server's status says which decoder graphs it has. */
+let decoder: DecoderClient;
 const maskEncoder = new MaskEncoder();
-decoder.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
+
+/**
+ * The decoder worker. The optional fast path (decoder_prepare/decoder_prepared) is used when the
+ * server lists it in /api/status "decoder_parts" or the URL says ?fast=1 (and never with ?fast=0).
+ */
+function createDecoder(status: Record<string, unknown> | null): DecoderClient {
+  const parts = Array.isArray(status?.decoder_parts) ? (status.decoder_parts as unknown[]) : [];
+  const fast = settings.fastPath ?? (parts.includes("prepare") && parts.includes("prepared"));
+  const client = new DecoderClient({
+    modelUrl: settings.decoderUrl ?? api.decoderUrl(settings.quantized),
+    fastPath:
+      fast && !settings.decoderUrl
+        ? { prepareUrl: api.decoderUrl(false, "prepare"), preparedUrl: api.decoderUrl(settings.quantized, "prepared") }
+        : null,
+    backend: settings.backend,
+    numThreads: settings.numThreads,
+    wasmPaths: "/ort/",
+    style: settings.style,
+  });
+  client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
+  return client;
+}
 
 function setState(next: SessionState): void {
   state = next;
@@ -486,12 +502,14 @@ function wireInput(): void {
 // ---------------------------------------------------------------- start
 
 async function start(): Promise<void> {
+  decoder = createDecoder(await api.status().catch(() => null));
   wireInput();
   decoder
     .ready()
     .then((info) => {
       decoderReady = true;
-      view.setStatus(`decoder: ${info.backend}${info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : ""}`);
+      const threads = info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : "";
+      view.setStatus(`decoder: ${info.backend}${threads}${info.fastPath ? " · prepared fast path" : ""}`);
       draw();
     })
     .catch(() => {

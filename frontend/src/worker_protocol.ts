@@ -16,6 +16,11 @@ export interface InitRequest {
   numThreads: number;
   wasmPaths: string;
   style: DecoderStyle;
+  /**
+   * The optional two-graph fast path (decoder_prepare.onnx once per image, decoder_prepared.onnx
+   * for prompts without mask_input); used only if both load and have the expected inputs/outputs.
+   */
+  fastPath: { prepareUrl: string; preparedUrl: string } | null;
 }
 
 export interface EmbeddingRequest {
@@ -49,7 +54,12 @@ export interface ReadyMessage {
   type: "ready";
   backend: ExecutionBackend;
   numThreads: number;
+  /** Whether the two-graph fast path is in use. */
+  fastPath: boolean;
 }
+
+/** Names of the fast path's per-image tensors (decoder_prepare.onnx outputs, decoder_prepared.onnx inputs). */
+export const PREPARED_NAMES = ["token_to_image_keys", "token_to_image_values", "image_to_token_queries"] as const;
 
 export interface EmbeddingReadyMessage {
   type: "embedding-ready";

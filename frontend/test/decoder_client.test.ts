@@ -36,7 +36,7 @@ afterEach(() => vi.unstubAllGlobals());
 describe("decoder client scheduling", () => {
   function client() {
     vi.stubGlobal("Worker", FakeWorker);
-    return new DecoderClient({ modelUrl: "/m", backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
+    return new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
   }
 
   it("runs one decode at a time and keeps only the latest waiting hover", async () => {
@@ -74,7 +74,7 @@ describe("decoder client scheduling", () => {
 describe("decoder client sharing", () => {
   it("a click on the point the running hover decodes shares its output instead of decoding again", async () => {
     vi.stubGlobal("Worker", FakeWorker);
-    const c = new DecoderClient({ modelUrl: "/m", backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
     const w = FakeWorker.last;
     const hover = c.decode(job("hover", 4));
     const click = c.decode(job("click", 4));
