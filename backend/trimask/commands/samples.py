@@ -34,12 +34,12 @@ def write_photos(out: Path) -> list[Path]:
     return written
 
 
-def write_scenes(out: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    from trimask.training.scenes import render_scene
+def write_scenes(out: Path, count: int, size: int) -> list[Path]:
+    from trimask.training.scenes import generate_scene
 
     written = []
     for i in range(count):
-        scene = render_scene(SCENE_SEED_BASE + i, size=size)
+        scene = generate_scene(SCENE_SEED_BASE + i, size=size)
         path = out / f"scene_{i:02d}.png"
         Image.fromarray(scene.image).save(path)
         written.append(path)
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrimaskError(f"cannot create the folder {out}: {exc.strerror}") from exc
-    size = (args.height, args.width)
-    paths = write_scenes(out, args.scenes, size) + write_photos(out)
+    paths = write_scenes(out, args.scenes, args.size) + write_photos(out)
     (out / ".complete").write_text("\n".join(p.name for p in paths) + "\n")
     print(f"wrote {len(paths)} sample images to {out}")
     return 0
@@ -68,6 +67,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="folder to write the images into")
     parser.add_argument("--scenes", type=int, default=6, help="number of generated scenes (default 6)")
-    parser.add_argument("--width", type=int, default=1024, help="scene width in pixels (default 1024)")
-    parser.add_argument("--height", type=int, default=768, help="scene height in pixels (default 768)")
+    parser.add_argument("--size", type=int, default=768, help="side of the square scenes in pixels (default 768)")
     parser.set_defaults(func=run)

@@ -1,0 +1,95 @@
+"""The trimask command as a whole: help for every sub-command, one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trimask.cli import COMMAND_MODULES, build_parser
+
+TRIMASK = [sys.executable, "-m", "trimask.cli"]
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_every_command_module_registers_at_least_one_subcommand():
+    names = _subcommands()
+    expected = {"serve", "embed", "weights", "export-onnx", "export-coco", "import-coco",
+                "train-tiny", "eval", "finetune", "samples"}
+    assert expected <= set(names)
+    assert len(COMMAND_MODULES) == 7
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = subprocess.run(TRIMASK + ["--help"], capture_output=True, text=True, check=True).stdout
+    for name in _subcommands():
+        assert name in out
+
+
+@pytest.mark.parametrize("name", _subcommands())
+def test_each_subcommand_has_complete_help(name):
+    result = subprocess.run(TRIMASK + [name, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "usage: trimask " + name in result.stdout
+    # every option says what it is for
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    sub = action.choices[name]
+    assert sub.description, f"{name} has no description"
+    for opt in sub._actions:
+        if opt.dest != "help":
+            assert opt.help, f"{name} option {opt.option_strings or opt.dest} has no help"
+
+
+def test_no_command_prints_help_and_fails():
+    result = subprocess.run(TRIMASK, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "COMMAND" in result.stdout
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = subprocess.run(TRIMASK + args, capture_output=True, text=True)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_missing_checkpoint_is_one_line_naming_the_file(tmp_path: Path):
+    missing = tmp_path / "nowhere" / "sam_vit_b.pth"
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), "red").save(image)
+    line = _one_line_error(["embed", "--model", "vit_b", "--checkpoint", str(missing),
+                            "--out", str(tmp_path / "out"), str(image)])
+    assert "sam_vit_b.pth" in line
+
+
+def test_unknown_model_type_is_one_line_listing_the_choices(tmp_path: Path):
+    result = subprocess.run(TRIMASK + ["export-onnx", "--model", "vit_x", "--out", str(tmp_path / "d.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "vit_b" in result.stderr and "vit_x" in result.stderr
+
+
+def test_samples_writes_scenes_and_photos(tmp_path: Path):
+    out = tmp_path / "samples"
+    subprocess.run(TRIMASK + ["samples", "--out", str(out), "--scenes", "2", "--size", "320"], check=True, capture_output=True)
+    scenes = sorted(out.glob("scene_*.png"))
+    photos = sorted(out.glob("photo_*.jpg"))
+    assert len(scenes) == 2
+    assert len(photos) >= 3
+    from PIL import Image
+
+    with Image.open(scenes[0]) as im:
+        assert im.size == (320, 320)
+        # a scene has objects on a background, not one flat colour
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 5
+    assert (out / ".complete").exists()
