@@ -26,7 +26,8 @@ Outputs:
   browser turns the accepted token into a full-resolution mask with SAM's
   postprocessing, and feeds a token back as ``mask_input``.
 - ``display_masks`` uint8 [1, 4, Hd, Wd], 0 or 255: each token's mask for
-  drawing, with Hd, Wd = round(H * s), round(W * s), s = 512 / max(H, W).
+  drawing, with Hd, Wd = floor(H * s + 0.5), floor(W * s + 0.5) (at least 1),
+  s = 512 / max(H, W): 341 x 512 for 1024 x 1536, 384 x 512 for 3000 x 4000.
   Pixel (i, j) is the logit surface (SAM's bilinear upsampling of the
   256 x 256 logits) sampled at the centre of the image region
   [i H / Hd, (i+1) H / Hd) x [j W / Wd, (j+1) W / Wd), thresholded at > 0;
@@ -38,8 +39,9 @@ Outputs:
 
 Why the display outputs are shaped so: the official export returns four
 float masks at full image resolution (4 x H x W x 4 bytes: 25 MB at
-1024 x 1536, 192 MB at 3000 x 4000) whose upsampling dominates a click and
-grows with the image. The browser draws candidates on a screen-sized canvas,
+1024 x 1536, 192 MB at 3000 x 4000) whose upsampling and copying grow with
+the image (measured: about a fifth of a click's CPU time at 1024 x 1536,
+more than half at 3000 x 4000). The browser draws candidates on a screen-sized canvas,
 so it needs coverage, not full resolution: 512 on the long side is about the
 size the image is shown at, the thresholded bilinear surface at that size
 has smooth contours (at 256 the staircase of the 4-pixel blocks shows when
@@ -49,6 +51,13 @@ straight from the 256 frame (one half-pixel bilinear ``Resize`` by a scale
 computed from ``orig_im_size``), never materialising the 1024 x 1024
 intermediate of SAM's postprocessing; it is the same bilinear surface SAM
 thresholds, so display and accepted masks agree up to a display pixel.
+The display outputs cost about 4% of a click (2.5 ms of 60 ms CPU).
+
+Speed: per click this graph is about 0.78x the official style's CPU time at
+1024 x 1536 and 0.4x at 3000 x 4000 (its cost does not depend on the image
+size). What is left is the decoder itself; the optional two-graph fast path
+in ``prepared_decoder.py`` moves the first layer's image-side projections to
+a once-per-image graph (see there and ``bench/decoder.py`` for numbers).
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -80,11 +90,12 @@ OUTPUT_NAMES = ("iou_predictions", "low_res_masks", "display_masks", "areas")
 def resized_size(orig_im_size: torch.Tensor, long_side: float) -> torch.Tensor:
     """(H, W) f32 [2] -> the size with the longest side ``long_side``, int64 [2].
 
-    Same rounding as SAM's ``ResizeLongestSide`` (floor(x + 0.5)).
+    Same rounding as SAM's ``ResizeLongestSide`` (floor(x + 0.5)), at least 1.
     """
     size = orig_im_size.to(torch.float32)
     scale = long_side / torch.max(size)
-    return torch.floor(size * scale + 0.5).to(torch.int64)
+    # At least 1: a sliver image (aspect beyond 1:2048) still has one row.
+    return torch.clamp(torch.floor(size * scale + 0.5), min=1).to(torch.int64)
 
 
 class _ResizeLinearByScales(torch.autograd.Function):
@@ -256,6 +267,51 @@ def trace_to_onnx(
     _fix_output_shapes(path, output_shapes)
 
 
+def drop_unit_tiles(path: Path, probe_feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Replace each ``Tile`` whose repeats are all 1 for every probe input by ``Identity``.
+
+    ``predict_masks`` repeats the image embedding and its positional encoding
+    once per prompt set (``repeat_interleave``); the batch is always 1 here,
+    but the tracer computes the repeat count from shapes at run time, so every
+    click would copy two 4 MB tensors, and the constant positional encoding
+    could not be folded. The repeats are evaluated for the probe inputs
+    (several point counts and image sizes); only Tiles that never repeat go.
+    Returns the names of the replaced nodes.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    tiles = [node for node in model.graph.node if node.op_type == "Tile"]
+    if not tiles:
+        return []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for node in tiles:
+        probe.graph.output.append(helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    unit = dict.fromkeys((node.name for node in tiles), True)
+    for feeds in probe_feeds:
+        for node, repeats in zip(tiles, session.run([node.input[1] for node in tiles], feeds)):
+            unit[node.name] = unit[node.name] and bool(np.all(repeats == 1))
+    for node in tiles:
+        if unit[node.name]:
+            node.CopyFrom(helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name))
+    onnx.save(model, str(path))
+    return [name for name, is_unit in unit.items() if is_unit]
+
+
+def probe_inputs() -> list[tuple[torch.Tensor, ...]]:
+    """Inputs (in INPUT_NAMES order) with 1, 2 and 5 points and three image sizes."""
+    probes = []
+    for num_points, size in ((1, (480.0, 640.0)), (2, (3000.0, 4000.0)), (5, (1536.0, 1024.0))):
+        args = list(example_inputs(num_points))
+        args[5] = torch.tensor(size)
+        probes.append(tuple(args))
+    return probes
+
+
 POINT_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 DISPLAY_AXES = {"display_masks": {2: "display_height", 3: "display_width"}}
 
@@ -264,6 +320,9 @@ def _export_fp32(sam: nn.Module, path: Path) -> None:
     trace_to_onnx(
         DecoderOnnx(sam), example_inputs(), path, list(INPUT_NAMES), OUTPUT_SHAPES, POINT_AXES | DISPLAY_AXES
     )
+    drop_unit_tiles(path, [
+        {name: value.numpy() for name, value in zip(INPUT_NAMES, args)} for args in probe_inputs()
+    ])
 
 
 def quantize_file(src: Path, dst: Path) -> None:

@@ -35,11 +35,14 @@ from torch import nn
 
 from trimask.export.onnx_decoder import (
     DISPLAY_AXES,
+    INPUT_NAMES,
     OUTPUT_SHAPES,
     POINT_AXES,
     DecoderOnnx,
     _finish,
+    drop_unit_tiles,
     example_inputs,
+    probe_inputs,
     trace_to_onnx,
 )
 
@@ -152,5 +155,10 @@ def export_prepared_decoder(
             OUTPUT_SHAPES,
             POINT_AXES | DISPLAY_AXES,
         )
+        probes = []
+        for args in probe_inputs():
+            named = dict(zip(INPUT_NAMES, args)) | dict(zip(PREPARED_NAMES, prepared))
+            probes.append({name: named[name].numpy() for name in PREPARED_INPUTS})
+        drop_unit_tiles(traced, probes)
         _finish(traced, decoder_path, quantize)
     return prepare_path, decoder_path

@@ -33,10 +33,10 @@ class Prompt:
 
 
 def resized_hw(orig_hw: tuple[int, int], long_side: int = INPUT_SIZE) -> tuple[int, int]:
-    """(H, W) -> (h, w) with the longest side ``long_side``, rounded as SAM does."""
+    """(H, W) -> (h, w) with the longest side ``long_side``, rounded as SAM does (at least 1)."""
     h, w = orig_hw
     scale = long_side / max(h, w)
-    return int(np.floor(h * scale + 0.5)), int(np.floor(w * scale + 0.5))
+    return max(1, int(np.floor(h * scale + 0.5))), max(1, int(np.floor(w * scale + 0.5)))
 
 
 def to_input_frame(xy: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
