@@ -213,3 +213,9 @@ def _prune(image, whole_map, part_map, subpart_map, part_parent, subpart_parent)
             part_map[region] = 0
             subpart_map[region] = 0
     return Scene(image, whole_map, part_map, subpart_map, part_parent, subpart_parent)
+
+
+# Seed ranges: training run ``s`` uses scene seeds ``s * TRAIN_SEED_STRIDE + i``; evaluation uses
+# seeds from EVAL_SEED_BASE up, which no training run with s < 100 reaches.
+TRAIN_SEED_STRIDE = 10_000_000
+EVAL_SEED_BASE = 1_000_000_000

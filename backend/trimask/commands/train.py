@@ -1,0 +1,125 @@
+"""``trimask train-tiny``, ``trimask eval`` and ``trimask finetune``: the model-training commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trimask.errors import TrimaskError
+
+DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-tiny",
+        help="train the embedded tiny model on generated scenes (SAM's objectives)",
+        description="Train the embedded 'tiny' SAM from scratch on procedurally generated whole/part/subpart "
+        "scenes with SAM's losses and simulated interactive prompting. Deterministic for a given --seed and "
+        "--steps (up to floating-point non-determinism of the CPU kernels).",
+    )
+    p.add_argument("--seed", type=int, default=0, help="run seed (scene stream and initialization), 0..99")
+    p.add_argument("--out", type=Path, default=DEFAULT_TINY_OUT, help="checkpoint to write (fp16, rewritten periodically)")
+    p.add_argument("--steps", type=int, default=650, help="optimizer steps")
+    p.add_argument("--coarse-fraction", type=float, default=0.8,
+                   help="fraction of steps at the coarse 32x32 decoder grid (progressive resolution)")
+    p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
+    p.set_defaults(func=run_train_tiny)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on held-out generated scenes",
+        description="Single clicks at subparts of held-out generated scenes: best-of-three IoU per level, "
+        "IoU of the candidate ranked first, area ordering, and mIoU after 1/3/5 clicks (standard protocol).",
+    )
+    e.add_argument("--model", default="tiny", help="model type (tiny, vit_b, ...)")
+    e.add_argument("--checkpoint", type=Path, default=None)
+    e.add_argument("--scenes", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0, help="offset into the held-out seed range")
+    e.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=run_eval)
+
+    f = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model on a COCO annotation file",
+        description="Fine-tune the mask decoder (and with --train-encoder the image encoder) on COCO instance "
+        "masks with SAM's objectives and simulated prompting; writes a checkpoint build_sam loads.",
+    )
+    f.add_argument("--model", required=True, help="model type (tiny, vit_b, ...)")
+    f.add_argument("--checkpoint", type=Path, default=None, help="starting weights (tiny: bundled when omitted)")
+    f.add_argument("--coco", type=Path, required=True, help="COCO instance-segmentation JSON")
+    f.add_argument("--images", type=Path, required=True, help="folder holding the COCO file's images")
+    f.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
+    f.set_defaults(func=run_finetune)
+
+
+def _threads(n: int | None) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def run_train_tiny(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from trimask.models.build import build_sam
+    from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
+    from trimask.training.trainer import TrainConfig, scene_to_sample, train
+
+    if not 0 <= args.seed < 100:
+        raise TrimaskError("--seed must be between 0 and 99 so training scenes stay apart from the held-out ones.")
+    if args.steps < 1:
+        raise TrimaskError("--steps must be at least 1.")
+    _threads(args.threads)
+    import torch
+
+    torch.manual_seed(args.seed)
+    sam = build_sam("tiny", random_init=True)
+    # A fresh seeded init (build_sam's random init is fixed; the run seed decides this one).
+    for m in sam.modules():
+        if hasattr(m, "reset_parameters") and m is not sam:
+            m.reset_parameters()
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
+                      coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(40, args.steps))
+    base = args.seed * TRAIN_SEED_STRIDE
+
+    def samples(i: int, rng: np.random.Generator):
+        return scene_to_sample(generate_scene(base + i), rng, n_groups=cfg.prompts_per_image)
+
+    log_file = open(args.log, "a") if args.log else None
+
+    def log(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
+        summary = train(sam, cfg, samples, out=args.out, extra={"encoder_kwargs": {}}, log=log,
+                        progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
+    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    print(f"wrote {args.out} after {summary['steps']} steps in {summary['seconds'] / 60:.1f} min")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from trimask.training.evaluate import run_eval_command
+
+    return run_eval_command(args)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from trimask.training.finetune import run_finetune_command
+
+    return run_finetune_command(args)

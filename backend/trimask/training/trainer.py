@@ -1,0 +1,326 @@
+"""Training loop for SAM-architecture models with SAM's objectives and simulated interaction.
+
+One step: a batch of images goes through the image encoder; for each image a
+few prompts are simulated. Round 1 is either a single point (ambiguous: the
+three multimask candidates are matched to the valid targets under the click,
+e.g. subpart/part/whole, see ``losses.matched_candidates_loss``) or a noisy box
+around one target (single-mask token). Each later round adds a click sampled
+from the error region of the previous prediction, feeds the previous low-res
+logits as ``mask_input`` and trains the single-mask token. The IoU head
+regresses actual IoUs throughout. The same loop trains the embedded ``tiny``
+model on generated scenes and fine-tunes any model on COCO annotations.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trimask.models.sam import Sam
+from trimask.preprocess import get_preprocess_shape, preprocess
+from trimask.training import losses
+from trimask.training.prompt_simulation import noisy_box, sample_error_click, sample_point_in
+from trimask.training.scenes import Scene
+
+LOW_RES = 256
+IMAGE_FRAME = 1024
+
+
+@dataclass
+class TrainConfig:
+    """What a training run does; stored in the checkpoint so the run can be reproduced."""
+
+    seed: int = 0
+    steps: int = 1500
+    images_per_step: int = 1
+    prompts_per_image: int = 3
+    rounds: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    box_start_prob: float = 0.35
+    iou_loss_weight: float = 1.0
+    train_encoder: bool = True
+    save_every: int = 100
+    # Progressive resolution (tiny encoder only): the first coarse_steps run the encoder on a
+    # 128 px copy and the decoder on a 32 x 32 grid (4x cheaper), the rest at the real 64 x 64.
+    coarse_steps: int = 0
+
+
+@dataclass
+class Sample:
+    """One training image with click groups.
+
+    image: ``H x W x 3`` uint8. groups: each a list of nested bool ``H x W`` masks, smallest first
+    (e.g. [subpart, part, whole]); a first click is placed in the smallest mask, and every mask of
+    the group is a valid answer to it.
+    """
+
+    image: np.ndarray
+    groups: list[list[np.ndarray]]
+
+
+def scene_to_sample(scene: Scene, rng: np.random.Generator, *, n_groups: int = 3, subpart_prob: float = 0.5) -> Sample:
+    """Click groups (subpart|part, part, whole) at random points of a generated scene."""
+    groups: list[list[np.ndarray]] = []
+    sub_ids = scene.subpart_ids()
+    wholes = [int(w) for w in np.unique(scene.whole_map) if w]
+    for _ in range(n_groups):
+        if sub_ids and rng.uniform() < subpart_prob:
+            sid = sub_ids[int(rng.integers(len(sub_ids)))]
+            x, y = sample_point_in(scene.subpart_map == sid, rng)
+        elif wholes:
+            w = wholes[int(rng.integers(len(wholes)))]
+            x, y = sample_point_in(scene.whole_map == w, rng)
+        else:
+            continue
+        sub, part, whole = scene.masks_at(int(y), int(x))
+        groups.append([sub, part, whole])
+    return Sample(scene.image, groups)
+
+
+def to_frame(xy: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Pixel positions (x, y) of an ``H x W`` image (pixel centres) -> coordinates in the 1024 frame."""
+    h, w = size_hw
+    scale = IMAGE_FRAME / max(h, w)
+    return (np.asarray(xy, np.float64) + 0.5) * scale
+
+
+def low_res_target(mask: np.ndarray, size: int = LOW_RES) -> np.ndarray:
+    """An ``H x W`` bool mask -> ``size x size`` bool in the decoder's padded low-res frame."""
+    h, w = mask.shape
+    nh, nw = get_preprocess_shape(h, w, size)
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)[0, 0] > 0.5
+    out = np.zeros((size, size), bool)
+    out[:nh, :nw] = t.numpy()
+    return out
+
+
+def decode(
+    sam: Sam,
+    embedding: torch.Tensor,
+    points: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+    multimask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run prompt encoder + mask decoder for N prompts on one image.
+
+    embedding ``1 x 256 x 64 x 64``; points ``N x n x 2`` (1024 frame), labels ``N x n``;
+    boxes ``N x 4`` (1024 frame); mask_input ``N x 1 x 256 x 256`` logits.
+    Returns low-res logits ``N x K x 256 x 256`` and IoU predictions ``N x K`` (K = 3 or 1).
+    """
+    pts = (points, labels) if points is not None else None
+    sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=mask_input)
+    grid = tuple(embedding.shape[-2:])
+    # The positional encoding is continuous in normalized coordinates, so a coarser grid
+    # (progressive-resolution training) sees a subsampled version of the same encoding.
+    image_pe = sam.prompt_encoder.pe_layer(grid).unsqueeze(0)
+    return sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=image_pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
+def _pad3(group: list[np.ndarray]) -> list[np.ndarray]:
+    """A group of 1..3 nested masks -> exactly 3, smallest first (a missing level repeats the next larger)."""
+    g = list(group)[-3:]
+    while len(g) < 3:
+        g.insert(0, g[0])
+    return g
+
+
+def _group_targets(groups: list[list[np.ndarray]], size: int) -> np.ndarray:
+    """Groups of 1..3 masks -> ``N x 3 x size x size`` low-res targets."""
+    return np.stack([np.stack([low_res_target(m, size) for m in _pad3(g)]) for g in groups])
+
+
+def image_step_loss(
+    sam: Sam, embedding: torch.Tensor, sample: Sample, cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of the simulated interactions on one image (averaged over rounds). embedding ``1 x 256 x 64 x 64``."""
+    groups = [g for g in sample.groups if g and g[0].any()]
+    if not groups:
+        return embedding.sum() * 0.0, {}
+    hw = sample.image.shape[:2]
+    low_res = 4 * embedding.shape[-1]  # 256 at full resolution
+    lr_scale = low_res / max(hw)  # image px -> low-res px
+    targets_np = _group_targets(groups, low_res)  # N x 3 x low_res x low_res
+    targets = torch.from_numpy(targets_np)
+    n = len(groups)
+    levels = rng.integers(3, size=n)  # which target each interaction refines
+    box_start = rng.uniform() < cfg.box_start_prob
+    points: list[list[tuple[float, float]]] = [[] for _ in range(n)]
+    labels: list[list[int]] = [[] for _ in range(n)]
+    boxes = None
+    if box_start:
+        boxes = torch.tensor(
+            np.stack([to_frame(noisy_box(_pad3(g)[levels[i]], rng).reshape(2, 2), hw).reshape(4)
+                      for i, g in enumerate(groups)]),
+            dtype=torch.float32,
+        )
+    else:
+        for i, g in enumerate(groups):
+            points[i].append(sample_point_in(g[0], rng))
+            labels[i].append(1)
+    level_t = targets[torch.arange(n), torch.from_numpy(levels)]  # N x 256 x 256
+    level_np = targets_np[np.arange(n), levels]
+    total = torch.zeros(())
+    stats: dict[str, float] = {}
+    prev: torch.Tensor | None = None
+    for rnd in range(cfg.rounds):
+        if rnd > 0:
+            prev_masks = (prev[:, 0] > 0).numpy()
+            for i in range(n):
+                click = sample_error_click(prev_masks[i], level_np[i], rng)
+                if click is None:  # already exact: a positive point inside the target
+                    click = (sample_point_in(level_np[i], rng), 1)
+                (x, y), lab = click
+                points[i].append((x / lr_scale, y / lr_scale))  # low-res px -> image px
+                labels[i].append(lab)
+        pt = lb = None
+        if points[0]:
+            pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32)
+            lb = torch.tensor(labels, dtype=torch.float32)
+        multimask = rnd == 0 and not box_start
+        logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask)
+        if multimask:
+            m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
+            # Continue with the candidate matched to each interaction's level.
+            idx = []
+            for i in range(n):
+                hit = (assign[i] == int(levels[i])).nonzero()
+                idx.append(int(hit[0]) if len(hit) else 0)
+            prev = logits[torch.arange(n), torch.tensor(idx)][:, None].detach()
+            matched = targets[torch.arange(n)[:, None], assign]
+            stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), matched.flatten(0, 1)).mean())
+        else:
+            m_loss = losses.mask_loss(logits[:, 0], level_t).mean()
+            i_loss = losses.iou_head_loss(iou_pred[:, 0], logits[:, 0], level_t)
+            prev = logits.detach()
+            stats[f"iou_r{rnd + 1}"] = float(losses.mask_iou(logits[:, 0], level_t).mean())
+        total = total + m_loss + cfg.iou_loss_weight * i_loss
+    return total / cfg.rounds, stats
+
+
+def lr_factor(step: int, frac: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to 5% of the base rate as frac goes 0 -> 1."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def save_checkpoint(sam: Sam, path: Path, extra: dict) -> None:
+    """Write ``{"model": fp16 state dict, ...extra}`` atomically (fp16 keeps the tiny model under 15 MB)."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in sam.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save({"model": state, **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    sam: Sam,
+    cfg: TrainConfig,
+    samples: Callable[[int, np.random.Generator], Sample],
+    *,
+    out: Path | None = None,
+    extra: dict | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int], None] | None = None,
+    max_seconds: float | None = None,
+) -> dict:
+    """Train ``sam`` in place on ``samples(i, rng)`` for i = 0, 1, ...; checkpoints to ``out`` periodically.
+
+    Returns a summary: steps done, seconds, smoothed losses/IoUs.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    for name, p in sam.named_parameters():
+        p.requires_grad_(cfg.train_encoder or not name.startswith("image_encoder."))
+    params = [p for p in sam.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    sam.train()
+    if not cfg.train_encoder:
+        sam.image_encoder.eval()
+    start = time.time()
+    ema: dict[str, float] = {}
+    first_loss = None
+    sample_idx = 0
+    done = 0
+
+    def meta() -> dict:
+        return {**(extra or {}), "train": {**asdict(cfg), "steps_done": done, "coarse_steps_done": coarse_done,
+                                           "seconds": round(time.time() - start, 1)}}
+
+    coarse_frac = cfg.coarse_steps / cfg.steps
+    coarse_done = 0
+    for step in range(cfg.steps):
+        # Progress through the schedule: by steps, or by time when a time budget is given (the
+        # shared CPU's speed varies, so a budgeted run still decays and reaches full resolution).
+        frac = step / cfg.steps
+        if max_seconds is not None:
+            frac = max(frac, (time.time() - start) / max_seconds)
+        if frac >= 1.0:
+            log(f"stopped at the time limit after {done} steps")
+            break
+        lr_now = cfg.lr * lr_factor(step, frac, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        batch = []
+        for _ in range(cfg.images_per_step):
+            batch.append(samples(sample_idx, rng))
+            sample_idx += 1
+        x = torch.cat([preprocess(s.image) for s in batch])
+        coarse = frac < coarse_frac and hasattr(sam.image_encoder, "forward_work")
+        coarse_done += int(coarse)
+        grid = 32 if coarse else 64
+        sam.prompt_encoder.image_embedding_size = (grid, grid)
+        with torch.set_grad_enabled(cfg.train_encoder):
+            if coarse:
+                emb = sam.image_encoder.forward_work(F.avg_pool2d(x, 1024 // 128))
+            else:
+                emb = sam.image_encoder(x)
+        loss = torch.zeros(())
+        step_stats: dict[str, float] = {}
+        for i, s in enumerate(batch):
+            part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng)
+            loss = loss + part / len(batch)
+            step_stats.update(st)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        step_stats["loss"] = float(loss.detach())
+        first_loss = step_stats["loss"] if first_loss is None else first_loss
+        for k, v in step_stats.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        done = step + 1
+        if progress:
+            progress(1)
+        if step % 20 == 0 or done == cfg.steps:
+            log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} "
+                + " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items())))
+        if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(sam, out, meta())
+    sam.prompt_encoder.image_embedding_size = (64, 64)
+    if out is not None and done % cfg.save_every and done != cfg.steps:
+        save_checkpoint(sam, out, meta())
+    sam.eval()
+    for p in sam.parameters():
+        p.requires_grad_(True)
+    return {"steps": done, "coarse_steps": coarse_done, "seconds": time.time() - start, "first_loss": first_loss, **ema}
