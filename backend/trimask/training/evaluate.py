@@ -1,0 +1,183 @@
+"""Held-out evaluation on generated scenes (``trimask eval``).
+
+For each scene, up to ``clicks_per_scene`` subparts whose part and whole are strictly larger
+(subpart ⊊ part ⊊ whole) are clicked once, at the subpart's centre (the pixel farthest from its
+boundary). From the three multimask candidates we report:
+
+- best-of-three IoU at each level: max over the candidates of the IoU with that level's mask;
+- ranked-first IoU: the candidate with the highest predicted IoU, scored against the level it
+  fits best (a click at a subpart has three right answers);
+- area order: the fraction of clicks whose candidates 1, 2, 3 come with non-decreasing area.
+
+Then the interactive protocol, for every level of every clicked instance as the target: click 1
+at the centre of the target, the candidate ranked first by the IoU head; each next click at the
+centre of the largest error region (positive in a false negative, negative in a false positive),
+single-mask output with the previous low-res logits as ``mask_input``. mIoU after 1, 3 and 5 clicks.
+Masks are compared at the image's resolution after SAM's postprocessing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trimask.models.sam import Sam
+from trimask.preprocess import get_preprocess_shape, preprocess
+from trimask.training.prompt_simulation import center_of_largest_error
+from trimask.training.scenes import EVAL_SEED_BASE, LEVELS, Scene, generate_scene
+from trimask.training.trainer import IMAGE_FRAME, decode, to_frame
+
+CLICK_COUNTS = (1, 3, 5)
+
+
+def postprocess(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """SAM's postprocessing: ``N x K x 256 x 256`` logits -> ``N x K x H x W`` bool at image resolution."""
+    h, w = hw
+    nh, nw = get_preprocess_shape(h, w, IMAGE_FRAME)
+    up = F.interpolate(low_res, size=(IMAGE_FRAME, IMAGE_FRAME), mode="bilinear", align_corners=False)
+    up = up[..., :nh, :nw]
+    return F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False) > 0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def _center(mask: np.ndarray) -> tuple[float, float]:
+    hit = center_of_largest_error(np.zeros_like(mask), mask)
+    assert hit is not None
+    return hit[0]
+
+
+def _instances(scene: Scene, limit: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Up to ``limit`` (subpart, part, whole) triples with strictly growing areas."""
+    out = []
+    ids = scene.subpart_ids()
+    rng.shuffle(ids)
+    for sid in ids:
+        sub = scene.subpart_map == sid
+        y, x = np.argwhere(sub)[0]
+        masks = scene.masks_at(int(y), int(x))
+        if masks is None:
+            continue
+        s, p, w = masks
+        if s.sum() < p.sum() < w.sum():
+            out.append((s, p, w))
+        if len(out) >= limit:
+            break
+    return out
+
+
+@torch.no_grad()
+def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """Per-click measurements on one scene (lists, to be averaged over scenes)."""
+    rng = np.random.default_rng(seed)
+    inst = _instances(scene, clicks_per_scene, rng)
+    res: dict[str, list[float]] = {k: [] for k in _metric_names()}
+    if not inst:
+        return res
+    hw = scene.image.shape[:2]
+    emb = sam.image_encoder(preprocess(scene.image))
+    # Single click at each subpart's centre: the three candidates.
+    pts = torch.tensor(np.stack([to_frame(np.array([_center(s)]), hw) for s, _, _ in inst]), dtype=torch.float32)
+    lbl = torch.ones(len(inst), 1)
+    logits, iou_pred = decode(sam, emb, pts, lbl, None, None, True)
+    cands = postprocess(logits, hw).numpy()
+    for n, levels in enumerate(inst):
+        ious = np.array([[_iou(cands[n, k], levels[lv]) for lv in range(3)] for k in range(3)])  # cand x level
+        for lv, name in enumerate(LEVELS):
+            res[f"best_of_3_{name}"].append(float(ious[:, lv].max()))
+        top = int(iou_pred[n].argmax())
+        res["ranked_first"].append(float(ious[top].max()))
+        areas = cands[n].reshape(3, -1).sum(1)
+        res["area_ordered"].append(float(areas[0] <= areas[1] <= areas[2]))
+    # Interactive protocol for every level of every instance.
+    targets = [levels[lv] for levels in inst for lv in range(3)]
+    n_t = len(targets)
+    points: list[list[tuple[float, float]]] = [[_center(t)] for t in targets]
+    labels: list[list[int]] = [[1] for _ in targets]
+    prev = None
+    for click in range(1, max(CLICK_COUNTS) + 1):
+        pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32)
+        lb = torch.tensor(labels, dtype=torch.float32)
+        if click == 1:
+            logits, iou_pred = decode(sam, emb, pt, lb, None, None, True)
+            top = iou_pred.argmax(1)
+            chosen = logits[torch.arange(n_t), top][:, None]
+        else:
+            chosen, _ = decode(sam, emb, pt, lb, None, prev, False)
+        prev = chosen
+        masks = postprocess(chosen, hw)[:, 0].numpy()
+        if click in CLICK_COUNTS:
+            for t, m in zip(targets, masks):
+                res[f"miou_{click}_clicks"].append(_iou(m, t))
+        for i, (t, m) in enumerate(zip(targets, masks)):
+            nxt = center_of_largest_error(m, t)
+            if nxt is None:  # exact already: repeat the last click (keeps the batch rectangular)
+                nxt = (points[i][-1], labels[i][-1])
+            points[i].append(nxt[0])
+            labels[i].append(nxt[1])
+    return res
+
+
+def _metric_names() -> list[str]:
+    return ([f"best_of_3_{n}" for n in LEVELS] + ["ranked_first", "area_ordered"]
+            + [f"miou_{c}_clicks" for c in CLICK_COUNTS])
+
+
+def evaluate(
+    sam: Sam,
+    *,
+    scenes: int = 50,
+    seed: int = 0,
+    clicks_per_scene: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Mean metrics over ``scenes`` held-out scenes (seeds EVAL_SEED_BASE + seed * 100000 + i), each in [0, 1].
+
+    Also returns ``clicks`` (the number of clicked instances) and ``scenes``.
+    """
+    sam.eval()
+    acc: dict[str, list[float]] = {k: [] for k in _metric_names()}
+    for i in range(scenes):
+        scene_seed = EVAL_SEED_BASE + seed * 100_000 + i
+        r = evaluate_scene(sam, generate_scene(scene_seed), clicks_per_scene=clicks_per_scene, seed=scene_seed)
+        for k, v in r.items():
+            acc[k].extend(v)
+        if progress:
+            progress(1)
+    out = {k: (float(np.mean(v)) if v else float("nan")) for k, v in acc.items()}
+    out["clicks"] = len(acc["ranked_first"])
+    out["scenes"] = scenes
+    return out
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    """A small table of the metrics for the terminal and the model card."""
+    rows = [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()]
+    return "| metric | value |\n| --- | --- |\n" + "\n".join(rows)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``trimask eval``: build the model, evaluate with a progress bar, print the table."""
+    from tqdm import tqdm
+
+    from trimask.errors import TrimaskError
+    from trimask.models.build import build_sam
+
+    if args.scenes < 1:
+        raise TrimaskError("--scenes must be at least 1.")
+    sam = build_sam(args.model, args.checkpoint)
+    with tqdm(total=args.scenes, desc="eval", unit="scene", file=sys.stderr) as bar:
+        metrics = evaluate(sam, scenes=args.scenes, seed=args.seed, progress=bar.update)
+    print(format_metrics(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
