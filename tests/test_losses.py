@@ -1,0 +1,80 @@
+"""SAM's training objectives against hand-computed values, and where their gradients go."""
+import math
+
+import torch
+
+from trimask.training import losses
+
+
+def test_focal_loss_matches_hand_computed_value_at_even_odds():
+    logits = torch.zeros(1, 1, 2)
+    target = torch.tensor([[[1.0, 0.0]]])
+    # p = 0.5 everywhere: ce = ln 2, (1 - p_t)^2 = 0.25; alpha 0.25 for the positive, 0.75 for the negative.
+    expected = (0.25 * 0.25 * math.log(2) + 0.75 * 0.25 * math.log(2)) / 2
+    assert torch.allclose(losses.focal_loss(logits, target), torch.tensor([expected]), atol=1e-6)
+
+
+def test_focal_loss_down_weights_confident_correct_pixels():
+    target = torch.ones(1, 1, 1)
+    easy = losses.focal_loss(torch.full((1, 1, 1), 4.0), target)
+    hard = losses.focal_loss(torch.full((1, 1, 1), -4.0), target)
+    p = torch.sigmoid(torch.tensor(4.0))
+    assert torch.allclose(easy, 0.25 * (1 - p) ** 2 * -torch.log(p), atol=1e-7)
+    assert hard > 1000 * easy
+
+
+def test_dice_loss_matches_hand_computed_value():
+    logits = torch.zeros(1, 2, 2)  # p = 0.5 on 4 pixels
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    # 1 - (2 * 1 + 1) / (2 + 2 + 1) with the smoothing term 1
+    assert torch.allclose(losses.dice_loss(logits, target), torch.tensor([0.4]), atol=1e-6)
+
+
+def test_mask_loss_is_twenty_focal_plus_one_dice():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 8, generator=g)
+    target = torch.rand(3, 8, 8, generator=g) > 0.5
+    expected = 20 * losses.focal_loss(logits, target) + losses.dice_loss(logits, target)
+    assert torch.allclose(losses.mask_loss(logits, target), expected)
+
+
+def test_min_over_three_routes_mask_gradient_only_to_the_best_candidate():
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[0, 2:6, 2:6] = True
+    good = torch.where(target[0], 5.0, -5.0)
+    logits = torch.stack([torch.full((8, 8), 3.0), good, torch.full((8, 8), -3.0)])[None].requires_grad_(True)
+    iou_pred = torch.zeros(1, 3, requires_grad=True)
+    mask_l, iou_l = losses.min_over_candidates_loss(logits, iou_pred, target)
+    mask_l.backward()
+    grad = logits.grad[0].flatten(1).abs().sum(1)
+    assert grad[1] > 0 and grad[0] == 0 and grad[2] == 0
+    assert torch.allclose(mask_l, losses.mask_loss(good[None], target))
+
+
+def test_iou_head_loss_regresses_the_actual_iou():
+    target = torch.zeros(2, 4, 4, dtype=torch.bool)
+    target[:, :2] = True  # 8 pixels
+    logits = torch.full((2, 4, 4), -1.0)
+    logits[0, :2] = 1.0  # exact: IoU 1
+    logits[1, :1] = 1.0  # half: IoU 0.5
+    iou_pred = torch.tensor([0.5, 0.5])
+    assert torch.allclose(losses.mask_iou(logits, target), torch.tensor([1.0, 0.5]))
+    assert torch.allclose(losses.iou_head_loss(iou_pred, logits, target), torch.tensor((0.25 + 0.0) / 2))
+
+
+def test_matched_loss_assigns_each_level_to_the_candidate_that_fits_it():
+    sub = torch.zeros(8, 8, dtype=torch.bool)
+    sub[3:5, 3:5] = True
+    part = torch.zeros(8, 8, dtype=torch.bool)
+    part[2:6, 2:6] = True
+    whole = torch.ones(8, 8, dtype=torch.bool)
+    targets = torch.stack([sub, part, whole])[None]
+    as_logits = lambda m: torch.where(m, 6.0, -6.0)  # noqa: E731
+    # Candidates come in the order whole, subpart, part.
+    logits = torch.stack([as_logits(whole), as_logits(sub), as_logits(part)])[None].requires_grad_(True)
+    iou_pred = torch.ones(1, 3, requires_grad=True)
+    mask_l, iou_l, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
+    assert assign.tolist() == [[2, 0, 1]]
+    assert float(iou_l.detach()) < 1e-6  # every candidate exactly matches its assigned target
+    (mask_l + iou_l).backward()
+    assert iou_pred.grad is not None

@@ -1,0 +1,63 @@
+"""Simulated clicks: where they land, their labels, and determinism by seed."""
+import numpy as np
+
+from trimask.training.prompt_simulation import center_of_largest_error, noisy_box, sample_error_click, sample_point_in
+
+
+def _masks():
+    gt = np.zeros((32, 32), bool)
+    gt[4:20, 4:20] = True
+    pred = np.zeros((32, 32), bool)
+    pred[8:20, 4:28] = True  # misses rows 4..7 (false negative), spills into columns 20..27 (false positive)
+    return pred, gt
+
+
+def test_error_clicks_land_in_the_error_region_with_the_right_label():
+    pred, gt = _masks()
+    rng = np.random.default_rng(0)
+    labels = set()
+    for _ in range(200):
+        (x, y), label = sample_error_click(pred, gt, rng)
+        x, y = int(x), int(y)
+        assert pred[y, x] != gt[y, x]
+        assert label == int(gt[y, x])  # positive in a false negative, negative in a false positive
+        labels.add(label)
+    assert labels == {0, 1}
+
+
+def test_no_click_when_the_prediction_is_exact():
+    _, gt = _masks()
+    assert sample_error_click(gt.copy(), gt, np.random.default_rng(0)) is None
+    assert center_of_largest_error(gt.copy(), gt) is None
+
+
+def test_clicks_are_deterministic_by_seed():
+    pred, gt = _masks()
+    a = [sample_error_click(pred, gt, np.random.default_rng(7)) for _ in range(3)]
+    b = [sample_error_click(pred, gt, np.random.default_rng(7)) for _ in range(3)]
+    assert a == b
+    assert np.array_equal(noisy_box(gt, np.random.default_rng(3)), noisy_box(gt, np.random.default_rng(3)))
+    assert sample_point_in(gt, np.random.default_rng(1)) == sample_point_in(gt, np.random.default_rng(1))
+
+
+def test_standard_click_is_the_centre_of_the_largest_error_region():
+    gt = np.zeros((40, 40), bool)
+    gt[5:16, 5:16] = True  # 11 x 11 missed square: centre (10, 10)
+    gt[30:33, 30:33] = True  # a smaller missed square
+    pred = np.zeros_like(gt)
+    pred[0:2, 30:40] = True  # a 20-pixel false positive, smaller than 121
+    (x, y), label = center_of_largest_error(pred, gt)
+    assert (x, y) == (10.0, 10.0) and label == 1
+    # When the false positive is the largest error, the click is negative and inside it.
+    pred2 = gt.copy()
+    pred2[20:40, 0:10] = True
+    (x, y), label = center_of_largest_error(pred2, gt)
+    assert label == 0 and pred2[int(y), int(x)] and not gt[int(y), int(x)]
+
+
+def test_noisy_box_stays_in_the_image_and_near_the_mask():
+    _, gt = _masks()
+    for seed in range(20):
+        x0, y0, x1, y1 = noisy_box(gt, np.random.default_rng(seed))
+        assert 0 <= x0 <= x1 <= 31 and 0 <= y0 <= y1 <= 31
+        assert abs(x0 - 4) <= 4 and abs(x1 - 19) <= 4
