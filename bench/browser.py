@@ -12,7 +12,8 @@ Measured from the page's own debug hook (window.__trimaskTimings):
 Clicks and hovers are taken in turn across the decoders' pages (one page each), so
 load from other work on the machine hits every decoder alike and the ratios stay fair.
 
-For trimask's decoder (fp32 and quantized) and for SAM's official export style (one
+For trimask's decoder (fp32, quantized, and fp32 with the onnx helper's prepared fast path:
+image-side projections once per image) and for SAM's official export style (one
 graph returning four float masks at full image resolution, exported with the onnx
 helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
 on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
@@ -94,6 +95,20 @@ def export_official(checkpoint: str | None, out: Path) -> bytes:
     return out.read_bytes()
 
 
+def export_fast_path(checkpoint: str | None, folder: Path) -> tuple[bytes, bytes]:
+    """The onnx helper's optional two-graph fast path for the same weights (prepare, prepared)."""
+    import torch
+
+    from trimask.export.prepared_decoder import export_prepared_decoder
+    from trimask.models.build import build_sam
+
+    torch.set_num_threads(1)
+    prepare, prepared = export_prepared_decoder(
+        build_sam("tiny", checkpoint), folder / "decoder_prepare.onnx", folder / "decoder_prepared.onnx"
+    )
+    return prepare.read_bytes(), prepared.read_bytes()
+
+
 def start_server(images: Path, annotations: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     exe = Path(sys.executable).with_name("trimask")
     cmd = [str(exe), "serve", "--images", str(images), "--annotations", str(annotations),
@@ -121,21 +136,31 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def serve_bytes(body: bytes):
+    """A Playwright route handler answering with `body`."""
+    return lambda route: route.fulfill(status=200, body=body, headers={"Content-Type": "application/octet-stream"})
+
+
 class Session:
     """One page opened with given settings; collects timings through the debug hook."""
 
-    def __init__(self, browser, base: str, image: dict, query: str, official: bytes | None) -> None:
+    def __init__(self, browser, base: str, image: dict, query: str, files: dict[str, bytes]) -> None:
+        """files: URL path (with query) -> bytes the page gets for it instead of asking the server."""
         self.context = browser.new_context(viewport={"width": 1400, "height": 900})
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        if official is not None:
-            # A regex on the path: a glob would also match the page URL, whose query names this file.
-            self.page.route(re.compile(r"^https?://[^/]+" + re.escape(OFFICIAL_URL) + "$"), lambda route: route.fulfill(
-                status=200, body=official, headers={"Content-Type": "application/octet-stream"}))
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        for path, body in files.items():
+            # A regex on the whole path: a glob would also match the page URL, whose query names the file.
+            self.page.route(re.compile(r"^https?://[^/]+" + re.escape(path) + "$"), serve_bytes(body))
         self.image = image
         self.page.goto(f"{base}/?image={image['id']}&{query}")
-        self.page.wait_for_selector("[data-testid=stage][data-ready=true]", timeout=600_000)
+        try:
+            self.page.wait_for_selector("[data-testid=stage][data-ready=true]", timeout=300_000)
+        except Exception:
+            shown = self.page.inner_text("body")[:300]
+            raise SystemExit(f"the page ({query}) never got ready: {self.errors} {shown!r}") from None
         self.ready_ms = self.page.evaluate("performance.now()")
         self.box = self.page.locator("[data-testid=stage]").bounding_box()
 
@@ -180,13 +205,12 @@ class Session:
         self.context.close()
 
 
-def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict, official: bytes, args) -> list[dict]:
+def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict, files: dict, args) -> list[dict]:
     """All decoders on one image and thread count, one page each, clicks taken in turn so
     load from elsewhere on the machine hits every decoder alike (the ratio stays fair)."""
     label = f"{im['width']}x{im['height']} threads={threads}"
     print(f"  {label}: clicks", file=sys.stderr)
-    pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", official if "official" in name else None)
-             for name, q in decoders.items()}
+    pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", files) for name, q in decoders.items()}
     rng = np.random.default_rng(0)
     warmup = 2
     for _ in range(args.clicks + warmup):
@@ -200,7 +224,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     for s in pages.values():
         s.close()
     print(f"  {label}: hovers", file=sys.stderr)
-    hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", None)
+    hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", files)
                    for name, q in decoders.items() if "official" not in name}
     for _ in range(args.hovers + warmup):
         fx, fy = rng.uniform(0.15, 0.85, 2)
@@ -247,16 +271,24 @@ def main(argv: list[str] | None = None) -> int:
                 get(f"{base}/api/images/{im['id']}/embedding")
                 cold[im["file_name"]] = (time.perf_counter() - t) * 1000
             decoders = {
-                "trimask fp32": "",
-                "trimask quantized": "quantized=1",
+                "trimask fp32": "fast=0",
+                "trimask quantized": "fast=0&quantized=1",
+                "trimask fp32 + prepared fast path": "fast=1",
                 "official style fp32": f"style=official&decoder={OFFICIAL_URL}",
             }
+            files = {OFFICIAL_URL: official}
+            status = __import__("json").loads(get(base + "/api/status"))
+            if "prepared" not in status.get("decoder_parts", []):
+                # The server does not serve the fast path (yet): the page gets our export of it.
+                prepare, prepared = export_fast_path(checkpoint, tmp)
+                files["/api/decoder.onnx?part=prepare"] = prepare
+                files["/api/decoder.onnx?part=prepared"] = prepared
             rows = []
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 for im in images:
                     for n in threads:
-                        rows += time_interleaved(browser, base, im, n, decoders, official, args)
+                        rows += time_interleaved(browser, base, im, n, decoders, files, args)
                 browser.close()
         finally:
             proc.terminate()
