@@ -306,7 +306,7 @@ async function createCategory(name: string, color: string): Promise<void> {
 // ---------------------------------------------------------------- input
 
 let pointerOnStage = false;
-let press: { x: number; y: number; button: number; shift: boolean; t: number } | null = null;
+let press: { x: number; y: number; button: number; shift: boolean } | null = null;
 let dragBox: [number, number, number, number] | null = null;
 let panning: { x: number; y: number } | null = null;
 let spaceHeld = false;
@@ -324,7 +324,7 @@ function onMouseDown(e: MouseEvent): void {
     e.preventDefault();
     return;
   }
-  if (e.button === 0 || e.button === 2) press = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey, t: e.timeStamp };
+  if (e.button === 0 || e.button === 2) press = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey };
 }
 
 function onMouseMove(e: MouseEvent): void {
