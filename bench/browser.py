@@ -7,7 +7,9 @@ Measured from the page's own debug hook (window.__trimaskTimings):
   hover previews are off for these (?hover=0) so a click never waits behind one.
 - hover: pointer move -> the preview drawn, one move at a time (latency), and the
   previews per second drawn while the pointer keeps moving (throughput).
-- open -> ready: navigation start -> data-ready (decoder loaded, embedding in the worker).
+- page open -> ready: navigation start -> data-ready (decoder downloaded and loaded,
+  embedding in the worker); image switch -> ready: arrow key to this image -> data-ready
+  (decoder already loaded, embedding cached on the server).
 
 Clicks and hovers are taken in turn across the decoders' pages (one page each), so
 load from other work on the machine hits every decoder alike and the ratios stay fair.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -182,6 +185,16 @@ class Session:
         self.page.mouse.move(*self.client(fx, fy))
         self.page.wait_for_function(f"window.__trimaskTimings.hover.length > {before}", timeout=600_000)
 
+    def switch_back_ms(self, index: int, count: int) -> float:
+        """To the neighbouring image and back (arrow keys): ms from choosing this image again to ready."""
+        if count < 2:
+            return float("nan")
+        for key in ("ArrowRight", "ArrowLeft") if index == 0 else ("ArrowLeft", "ArrowRight"):
+            before = self.count("open")
+            self.page.keyboard.press(key)
+            self.page.wait_for_function(f"window.__trimaskTimings.open.length > {before}", timeout=300_000)
+        return self.page.evaluate("window.__trimaskTimings.open.at(-1)")
+
     def timings(self, kind: str, warmup: int) -> list[float]:
         return self.page.evaluate(f"window.__trimaskTimings.{kind}")[warmup:]
 
@@ -219,6 +232,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
             s.click_once(fx, fy)
     rows = {name: dict(image=f"{im['width']} x {im['height']}", decoder=name, threads=threads,
                        click=s.timings("click", warmup), decode=s.timings("decode", warmup), ready=s.ready_ms,
+                       switch=s.switch_back_ms(im["index"], im["count"]),
                        hover=[], rate=float("nan"))
             for name, s in pages.items()}
     for s in pages.values():
@@ -260,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         official = export_official(checkpoint, tmp / "official.onnx")
         proc, base = start_server(tmp / "images", tmp / "annotations", margs)
         try:
-            records = {r["file_name"]: r for r in __import__("json").loads(get(base + "/api/images"))}
-            images = [records[n] for n in names]
+            listed = json.loads(get(base + "/api/images"))
+            images = [dict(r, index=i, count=len(listed)) for i, r in enumerate(listed) if r["file_name"] in names]
             print("warming up: decoder exports and embeddings ...", file=sys.stderr)
             get(base + "/api/decoder.onnx")
             get(base + "/api/decoder.onnx?quantized=1")
@@ -277,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 "official style fp32": f"style=official&decoder={OFFICIAL_URL}",
             }
             files = {OFFICIAL_URL: official}
-            status = __import__("json").loads(get(base + "/api/status"))
+            status = json.loads(get(base + "/api/status"))
             if "prepared" not in status.get("decoder_parts", []):
                 # The server does not serve the fast path (yet): the page gets our export of it.
                 prepare, prepared = export_fast_path(checkpoint, tmp)
@@ -298,14 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nHeadless Chromium {CHROMIUM}, WASM (SIMD, threads as listed), {os.cpu_count()} CPU cores; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
     print("| image (W x H) | decoder | threads | click p50 ms | click p95 ms | click vs official | decode p50 ms | "
-          "hover p50 ms | hover p95 ms | hover previews/s | open -> ready ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "hover p50 ms | hover p95 ms | hover previews/s | page open -> ready ms | image switch -> ready ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = pct(r["click"], 50) / official_p50[(r["image"], r["threads"])]
         hover = (f"{pct(r['hover'], 50):.0f} | {pct(r['hover'], 95):.0f} | {r['rate']:.1f}"
                  if r["hover"] else "- | - | -")
         print(f"| {r['image']} | {r['decoder']} | {r['threads']} | {pct(r['click'], 50):.0f} | "
-              f"{pct(r['click'], 95):.0f} | {ratio:.2f}x | {pct(r['decode'], 50):.0f} | {hover} | {r['ready']:.0f} |")
+              f"{pct(r['click'], 95):.0f} | {ratio:.2f}x | {pct(r['decode'], 50):.0f} | {hover} | {r['ready']:.0f} | {r['switch']:.0f} |")
     print("\nFirst embedding of each image on the server (encoder, not cached yet): "
           + ", ".join(f"{k}: {v:.0f} ms" for k, v in cold.items()))
     return 0
