@@ -49,14 +49,8 @@ class OfficialStyleDecoder(DecoderOnnx):
     """Same prompt handling and decoder; outputs as SAM's export with return_single_mask=False."""
 
     def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size):
-        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
         dense = self.embed_mask(mask_input, has_mask_input)
-        low_res, scores = self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
+        scores, low_res = self.decode(image_embeddings, point_coords, point_labels, dense)
         masks = F.interpolate(low_res, (self.input_size, self.input_size), mode="bilinear", align_corners=False)
         valid = resized_size(orig_im_size, self.input_size)
         masks = masks[..., : valid[0], : valid[1]]

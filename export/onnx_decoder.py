@@ -182,16 +182,30 @@ class DecoderOnnx(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """See the module docstring for shapes; returns
         (iou_predictions, low_res_masks, display_masks, areas)."""
+        dense = self.embed_mask(mask_input, has_mask_input)
+        iou_predictions, low_res_masks = self.decode(image_embeddings, point_coords, point_labels, dense)
+        return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's prompt encoding + ``predict_masks`` -> (iou 1 x 4, logits 1 x 4 x 256 x 256).
+
+        dense: 1 x C x 64 x 64 (or broadcastable) dense prompt embedding.
+        """
         # Padding and box corners come in as labelled points, so no padding is added here.
         sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
-        dense = self.embed_mask(mask_input, has_mask_input)
         low_res_masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
         )
-        return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+        return iou_predictions, low_res_masks
 
     def with_display(
         self, iou_predictions: torch.Tensor, low_res_masks: torch.Tensor, orig_im_size: torch.Tensor

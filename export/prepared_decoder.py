@@ -116,15 +116,9 @@ class PreparedDecoderOnnx(DecoderOnnx):
         image_to_token_queries: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(iou_predictions, low_res_masks, display_masks, areas) as DecoderOnnx, no mask input."""
-        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         with _projections_given(self.sam, token_to_image_keys, token_to_image_values, image_to_token_queries):
-            low_res_masks, iou_predictions = self.mask_decoder.predict_masks(
-                image_embeddings=image_embeddings,
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-            )
+            iou_predictions, low_res_masks = self.decode(image_embeddings, point_coords, point_labels, no_mask)
         return self.with_display(iou_predictions, low_res_masks, orig_im_size)
 
 
