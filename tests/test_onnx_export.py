@@ -323,3 +323,24 @@ def test_prepared_fast_path_runs_in_onnxruntime_web_wasm(sam, session, tmp_path)
     expected = session.run(["low_res_masks", "display_masks"], feeds)
     assert np.abs(web["low_res_masks"] - expected[0]).max() <= 1e-4 * np.abs(expected[0]).max()
     assert ((web["display_masks"] > 0) != (expected[1] > 0)).sum() <= 4
+
+
+def test_outputs_equal_the_official_onnx_wrapper_with_the_same_weights(sam, session):
+    """The contract: low_res_masks / iou_predictions equal the official implementation's
+    (segment_anything's SamOnnxModel, the reference only) for the same weights and inputs."""
+    from segment_anything import sam_model_registry
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    official = sam_model_registry["vit_b"]()
+    official.load_state_dict(sam.state_dict())
+    wrapper = SamOnnxModel(official.eval(), return_single_mask=False)
+    rng = np.random.default_rng(9)
+    for kind, size in [("point", (480, 640)), ("points", (1500, 843)), ("box+points", (3000, 4000)),
+                       ("mask", (1024, 1536))]:
+        embedding = _embedding(30)
+        feeds = verify.onnx_feeds(embedding, _prompt(kind, size, int(rng.integers(1000)), sam, embedding), size)
+        with torch.no_grad():
+            _, ref_iou, ref_low_res = wrapper(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        iou, low_res = session.run(["iou_predictions", "low_res_masks"], feeds)
+        assert np.abs(low_res - ref_low_res.numpy()).max() <= 1e-4 * np.abs(ref_low_res.numpy()).max()
+        np.testing.assert_allclose(iou, ref_iou.numpy(), rtol=1e-4, atol=1e-5)
