@@ -75,3 +75,29 @@ def test_served_decoder_runs_on_the_served_embedding(real_app):
         },
     )
     assert outputs[0].shape == (1, 4) and outputs[1].shape == (1, 4, 256, 256)
+
+
+def test_fast_path_graphs_are_served_and_listed_in_status(real_app):
+    import onnxruntime as ort
+
+    client = real_app.test_client()
+    assert client.get("/api/status").get_json()["decoder_parts"] == ["decoder", "prepare", "prepared"]
+    names = {}
+    for part in ("prepare", "prepared"):
+        response = client.get(f"/api/decoder.onnx?part={part}")
+        assert response.status_code == 200 and response.headers["ETag"]
+        session = ort.InferenceSession(response.data, providers=["CPUExecutionProvider"])
+        names[part] = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+    prepare_outputs = names["prepare"][1]
+    # What the once-per-image graph makes is what the per-click graph takes.
+    assert prepare_outputs and prepare_outputs <= names["prepared"][0]
+    assert "mask_input" not in names["prepared"][0]
+    bad = client.get("/api/decoder.onnx?part=../../etc/passwd")
+    assert bad.status_code == 400 and "part must be one of" in bad.get_json()["error"]
+
+
+def test_injected_decoder_offers_no_fast_path(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    assert client.get("/api/status").get_json()["decoder_parts"] == ["decoder"]
+    assert client.get("/api/decoder.onnx?part=prepare").status_code == 400

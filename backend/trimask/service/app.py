@@ -24,6 +24,7 @@ import logging
 import mimetypes
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -106,26 +107,35 @@ def _model_id_factory(cfg: dict[str, Any]):
     return identity
 
 
-def _decoder_provider(cfg: dict[str, Any], cache_dir: Path):
+DECODER_PARTS = ("decoder", "prepare", "prepared")
+
+
+def _decoder_provider(cfg: dict[str, Any], cache_dir: Path) -> tuple[Callable[[bool, str], Path], tuple[str, ...]]:
+    """The function giving a decoder graph's path for (quantized, part), and the parts it offers.
+
+    An injected DECODER_FILE offers only the complete decoder; the exporter
+    also offers the optional fast path (prepare once per image, prepared per click).
+    """
     given = cfg["DECODER_FILE"]
-    if given is not None and not callable(given):
-        return lambda quantized: Path(given)
-    if callable(given):
-        return given
+    if given is not None:
+        provide_given = given if callable(given) else (lambda quantized: Path(given))
+        return (lambda quantized, part="decoder": Path(provide_given(quantized))), ("decoder",)
     lock = threading.Lock()
 
-    def provide(quantized: bool) -> Path:
+    def provide(quantized: bool, part: str = "decoder") -> Path:
         from trimask.export.decoder_cache import decoder_file
 
         with lock:  # the exporter is safe across processes; this just avoids exporting twice here
             try:
                 return Path(
-                    decoder_file(cfg["MODEL_TYPE"], cfg["CHECKPOINT"], cache_dir / "decoders", quantize=quantized)
+                    decoder_file(
+                        cfg["MODEL_TYPE"], cfg["CHECKPOINT"], cache_dir / "decoders", quantize=quantized, part=part
+                    )
                 )
             except TrimaskError as exc:
                 raise ServiceUnavailable(f"the decoder cannot be exported: {exc}") from exc
 
-    return provide
+    return provide, DECODER_PARTS
 
 
 def _device_name(cfg: dict[str, Any]) -> str:
@@ -184,6 +194,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     frontend_dist = Path(cfg["FRONTEND_DIST"]) if cfg["FRONTEND_DIST"] else DEFAULT_FRONTEND_DIST
     ort_dirs = [Path(cfg["ORT_DIR"])] if cfg["ORT_DIR"] else [DEFAULT_ORT_DIR]
     ort_dirs.append(frontend_dist / "ort")
+    decoder_file, decoder_parts = _decoder_provider(cfg, cache_dir)
     state = ServiceState(
         images_dir=images_dir,
         annotations_dir=annotations_dir,
@@ -191,7 +202,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         db_path=db_file,
         index=index,
         embeddings=embeddings,
-        decoder_file=_decoder_provider(cfg, cache_dir),
+        decoder_file=decoder_file,
+        decoder_parts=decoder_parts,
         model_type=str(cfg["MODEL_TYPE"]),
         frontend_dist=frontend_dist,
         ort_dirs=ort_dirs,

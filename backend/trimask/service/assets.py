@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request, send_file, send_from_directory
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import BadRequest, NotFound
 
 from trimask.service.state import current
 
@@ -94,15 +94,21 @@ def ort_file(filename: str) -> Response:
 def decoder_onnx() -> Response:
     """The model's prompt encoder + mask decoder as ONNX (``?quantized=1``: uint8 weights).
 
+    ``?part=prepare|prepared`` gives the optional fast path's two graphs
+    (image-side projections once per image, then the per-click rest).
+
     Exported on first use; a strong ETag (the file's SHA-256) lets the browser
     download it once and revalidate with a 304 afterwards.
     """
     state = current()
     quantized = request.args.get("quantized") in ("1", "true")
-    path = Path(state.decoder_file(quantized))
+    part = request.args.get("part", "decoder")
+    if part not in state.decoder_parts:
+        raise BadRequest(f"part must be one of {', '.join(state.decoder_parts)}, not {part!r}.")
+    path = Path(state.decoder_file(quantized, part))
     etag = file_sha256(path)
     response = send_file(
-        path, mimetype="application/octet-stream", download_name="decoder.onnx", etag=etag, conditional=True, max_age=0
+        path, mimetype="application/octet-stream", download_name=f"{part}.onnx", etag=etag, conditional=True, max_age=0
     )
     response.headers["Cache-Control"] = "no-cache"
     if state.embeddings.known_model_id:

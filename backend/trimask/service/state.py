@@ -33,7 +33,8 @@ class ServiceState:
     db_path: Path
     index: ImageIndex
     embeddings: EmbeddingService
-    decoder_file: Callable[[bool], Path]  # quantized -> path of decoder.onnx
+    decoder_file: Callable[[bool, str], Path]  # (quantized, part) -> path of that ONNX graph
+    decoder_parts: tuple[str, ...]  # the graphs decoder_file offers: "decoder", and maybe the fast path's
     model_type: str
     frontend_dist: Path
     ort_dirs: list[Path]
