@@ -91,7 +91,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         if hasattr(m, "reset_parameters") and m is not sam:
             m.reset_parameters()
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
-                      coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(40, args.steps))
+                      coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps))
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):

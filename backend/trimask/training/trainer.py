@@ -65,6 +65,7 @@ class Sample:
 
     image: np.ndarray
     groups: list[list[np.ndarray]]
+    key: str | None = None  # identifies the image: embeddings are cached by it when the encoder is frozen
 
 
 def scene_to_sample(scene: Scene, rng: np.random.Generator, *, n_groups: int = 3, subpart_prob: float = 0.5) -> Sample:
@@ -161,6 +162,11 @@ def image_step_loss(
     targets = torch.from_numpy(targets_np)
     n = len(groups)
     levels = rng.integers(3, size=n)  # which target each interaction refines
+    # Every group a real 3-level hierarchy: match the levels to the candidates. Otherwise (e.g. a
+    # single COCO mask) SAM's rule: the minimum loss over the three candidates for the target.
+    full_hierarchy = all(len(g) >= 3 for g in groups)
+    if not full_hierarchy:
+        levels = np.full(n, 2)
     box_start = rng.uniform() < cfg.box_start_prob
     points: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     labels: list[list[int]] = [[] for _ in range(n)]
@@ -196,7 +202,13 @@ def image_step_loss(
             lb = torch.tensor(labels, dtype=torch.float32)
         multimask = rnd == 0 and not box_start
         logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask)
-        if multimask:
+        if multimask and not full_hierarchy:
+            m_loss, i_loss = losses.min_over_candidates_loss(logits, iou_pred, level_t)
+            per = losses.mask_loss(logits.flatten(0, 1), level_t[:, None].expand_as(logits).flatten(0, 1))
+            best = per.view(n, -1).argmin(1)
+            prev = logits[torch.arange(n), best][:, None].detach()
+            stats["iou_r1_best"] = float(losses.mask_iou(prev[:, 0], level_t).mean())
+        elif multimask:
             m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
             # Continue with the candidate matched to each interaction's level.
             idx = []
@@ -222,9 +234,9 @@ def lr_factor(step: int, frac: float, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def save_checkpoint(sam: Sam, path: Path, extra: dict) -> None:
-    """Write ``{"model": fp16 state dict, ...extra}`` atomically (fp16 keeps the tiny model under 15 MB)."""
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in sam.state_dict().items()}
+def save_checkpoint(sam: Sam, path: Path, extra: dict, *, half: bool = True) -> None:
+    """Write ``{"model": state dict, ...extra}`` atomically; fp16 by default (keeps tiny under 15 MB)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in sam.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
@@ -267,6 +279,7 @@ def train(
                                            "seconds": round(time.time() - start, 1)}}
 
     coarse_frac = cfg.coarse_steps / cfg.steps
+    emb_cache: dict[str, torch.Tensor] = {}
     coarse_done = 0
     for step in range(cfg.steps):
         # Progress through the schedule: by steps, or by time when a time budget is given (the
@@ -284,16 +297,24 @@ def train(
         for _ in range(cfg.images_per_step):
             batch.append(samples(sample_idx, rng))
             sample_idx += 1
-        x = torch.cat([preprocess(s.image) for s in batch])
         coarse = frac < coarse_frac and hasattr(sam.image_encoder, "forward_work")
         coarse_done += int(coarse)
         grid = 32 if coarse else 64
         sam.prompt_encoder.image_embedding_size = (grid, grid)
-        with torch.set_grad_enabled(cfg.train_encoder):
-            if coarse:
-                emb = sam.image_encoder.forward_work(F.avg_pool2d(x, 1024 // 128))
-            else:
-                emb = sam.image_encoder(x)
+        if not cfg.train_encoder and all(s.key is not None for s in batch):
+            # Frozen encoder: each image is encoded once (fine-tuning official SAM on a CPU).
+            for s in batch:
+                if s.key not in emb_cache:
+                    with torch.no_grad():
+                        emb_cache[s.key] = sam.image_encoder(preprocess(s.image))
+            emb = torch.cat([emb_cache[s.key] for s in batch])
+        else:
+            x = torch.cat([preprocess(s.image) for s in batch])
+            with torch.set_grad_enabled(cfg.train_encoder):
+                if coarse:
+                    emb = sam.image_encoder.forward_work(F.avg_pool2d(x, 1024 // 128))
+                else:
+                    emb = sam.image_encoder(x)
         loss = torch.zeros(())
         step_stats: dict[str, float] = {}
         for i, s in enumerate(batch):
@@ -312,7 +333,7 @@ def train(
         done = step + 1
         if progress:
             progress(1)
-        if step % 20 == 0 or done == cfg.steps:
+        if step % 10 == 0 or done == cfg.steps:
             log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} "
                 + " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items())))
         if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
