@@ -78,3 +78,28 @@ def test_matched_loss_assigns_each_level_to_the_candidate_that_fits_it():
     assert float(iou_l.detach()) < 1e-6  # every candidate exactly matches its assigned target
     (mask_l + iou_l).backward()
     assert iou_pred.grad is not None
+
+
+def test_focal_weight_block_changes_the_mask_loss_and_restores_sams_weight():
+    import torch
+
+    from trimask.training import losses
+
+    logits = torch.randn(2, 16, 16)
+    target = (torch.rand(2, 16, 16) > 0.5).float()
+    focal = losses.focal_loss(logits, target)
+    dice = losses.dice_loss(logits, target)
+    with losses.focal_weight(0.0):
+        torch.testing.assert_close(losses.mask_loss(logits, target), dice)
+    torch.testing.assert_close(losses.mask_loss(logits, target), 20 * focal + dice)
+
+
+def test_focal_ramp_rises_from_zero_to_sams_weight():
+    from trimask.training.trainer import TrainConfig, focal_weight_at
+
+    cfg = TrainConfig(focal_ramp=(0.1, 0.5))
+    assert focal_weight_at(0.0, cfg) == 0.0
+    assert focal_weight_at(0.1, cfg) == 0.0
+    assert abs(focal_weight_at(0.3, cfg) - 10.0) < 1e-9
+    assert focal_weight_at(0.5, cfg) == 20.0 and focal_weight_at(0.9, cfg) == 20.0
+    assert focal_weight_at(0.0, TrainConfig()) == 20.0  # fine-tuning: SAM's objective throughout

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=650, help="optimizer steps")
     p.add_argument("--coarse-fraction", type=float, default=0.8,
                    help="fraction of steps at the coarse 32x32 decoder grid (progressive resolution)")
+    p.add_argument("--focal-ramp", type=float, nargs=2, default=(0.1, 0.5), metavar=("FROM", "TO"),
+                   help="raise the focal weight from 0 to SAM's 20 between these fractions of the run "
+                   "(default 0.1 0.5; 0 0 trains with SAM's objective throughout)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -91,7 +94,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         if hasattr(m, "reset_parameters") and m is not sam:
             m.reset_parameters()
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
-                      coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps))
+                      coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
+                      focal_ramp=tuple(args.focal_ramp))
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):

@@ -10,12 +10,25 @@ IoU of each candidate with MSE.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
 import torch.nn.functional as F
 
 FOCAL_WEIGHT = 20.0
+_focal_weight = FOCAL_WEIGHT  # what mask_loss uses now; the trainer's curriculum lowers it early on
+
+
+@contextlib.contextmanager
+def focal_weight(weight: float):
+    """Use ``weight`` instead of SAM's 20 for the focal term inside the block."""
+    global _focal_weight
+    saved, _focal_weight = _focal_weight, weight
+    try:
+        yield
+    finally:
+        _focal_weight = saved
 DICE_WEIGHT = 1.0
 
 
@@ -40,8 +53,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0) -
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """20 x focal + 1 x dice per mask. ``N x H x W`` -> ``N``."""
-    return FOCAL_WEIGHT * focal_loss(logits, target) + DICE_WEIGHT * dice_loss(logits, target)
+    """20 x focal + 1 x dice per mask (see ``focal_weight``). ``N x H x W`` -> ``N``."""
+    return _focal_weight * focal_loss(logits, target) + DICE_WEIGHT * dice_loss(logits, target)
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,11 @@ class TrainConfig:
     # Progressive resolution (tiny encoder only): the first coarse_steps run the encoder on a
     # 128 px copy and the decoder on a 32 x 32 grid (4x cheaper), the rest at the real 64 x 64.
     coarse_steps: int = 0
+    # Curriculum for training from scratch: the focal weight rises from 0 to SAM's 20 between these
+    # fractions of the run (dice alone first). Focal's calibration keeps an untrained decoder's
+    # probabilities under 0.5 everywhere, so without it the masks stay empty for thousands of steps.
+    # (0, 0): SAM's objective throughout (fine-tuning a trained model).
+    focal_ramp: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -234,6 +239,14 @@ def lr_factor(step: int, frac: float, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+def focal_weight_at(frac: float, cfg: TrainConfig) -> float:
+    """The focal term's weight at ``frac`` of the run under ``cfg.focal_ramp``."""
+    lo, hi = cfg.focal_ramp
+    if hi <= lo:
+        return losses.FOCAL_WEIGHT
+    return losses.FOCAL_WEIGHT * min(1.0, max(0.0, (frac - lo) / (hi - lo)))
+
+
 def save_checkpoint(sam: Sam, path: Path, extra: dict, *, half: bool = True) -> None:
     """Write ``{"model": state dict, ...extra}`` atomically; fp16 by default (keeps tiny under 15 MB)."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in sam.state_dict().items()}
@@ -317,10 +330,11 @@ def train(
                     emb = sam.image_encoder(x)
         loss = torch.zeros(())
         step_stats: dict[str, float] = {}
-        for i, s in enumerate(batch):
-            part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng)
-            loss = loss + part / len(batch)
-            step_stats.update(st)
+        with losses.focal_weight(focal_weight_at(frac, cfg)):
+            for i, s in enumerate(batch):
+                part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng)
+                loss = loss + part / len(batch)
+                step_stats.update(st)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
