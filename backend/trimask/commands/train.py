@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="raise the focal weight from 0 to SAM's 20 between these fractions of the run "
                    "(default 0.1 0.5; 0 0 trains with SAM's objective throughout)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay; default 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
     p.set_defaults(func=run_train_tiny)
@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "IoU of the candidate ranked first, area ordering, and mIoU after 1/3/5 clicks (standard protocol).",
     )
     e.add_argument("--model", default="tiny", help="model type (tiny, vit_b, ...)")
-    e.add_argument("--checkpoint", type=Path, default=None)
-    e.add_argument("--scenes", type=int, default=100)
+    e.add_argument("--checkpoint", type=Path, default=None, help="weights to evaluate (tiny: the bundled ones when omitted)")
+    e.add_argument("--scenes", type=int, default=100, help="number of held-out generated scenes (default 100)")
     e.add_argument("--seed", type=int, default=0, help="offset into the held-out seed range")
     e.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=run_eval)
@@ -57,9 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--coco", type=Path, required=True, help="COCO instance-segmentation JSON")
     f.add_argument("--images", type=Path, required=True, help="folder holding the COCO file's images")
     f.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    f.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and order (default 0)")
     f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
     f.set_defaults(func=run_finetune)
 
