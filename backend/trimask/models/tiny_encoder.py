@@ -18,21 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class _LayerNorm2d(nn.Module):
-    """Channel LayerNorm over ``B x C x H x W`` (as SAM's neck uses)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+from trimask.models.common import LayerNorm2d
 
 
 class _ConvBNAct(nn.Sequential):
@@ -100,10 +86,10 @@ class TinyImageEncoder(nn.Module):
         # SAM's neck is LN, 3x3 conv, LN; a depthwise 3x3 + pointwise pair keeps its shape
         # at a tenth of the cost (a dense 256->256 3x3 at 64 x 64 would dominate the encoder).
         self.neck = nn.Sequential(
-            _LayerNorm2d(out_chans),
+            LayerNorm2d(out_chans),
             nn.Conv2d(out_chans, out_chans, 3, padding=1, groups=out_chans, bias=False),
             nn.Conv2d(out_chans, out_chans, 1, bias=False),
-            _LayerNorm2d(out_chans),
+            LayerNorm2d(out_chans),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
