@@ -1,43 +1,82 @@
-"""Optional faster clicks: prompt-independent decoder work done once per image.
+"""Faster clicks: the mask decoder factored into a once-per-image graph and a cheap per-click graph.
 
-In the first layer of SAM's two-way transformer three projections read only
-the image side (the image embedding plus the no-mask embedding and the
-positional encoding), so for a given image they are the same on every click:
+``decoder.onnx`` spends almost all of a click on dense maps of the 4096 image
+tokens (4096 x 256): nine 256 -> 128 projections, two 128 -> 256 output
+projections, and the first transposed convolution (a 256 -> 256 map per token),
+about 1.6 of its 1.7 G multiply-adds. This module rewrites those maps, with
+exact algebra, as (image-only part, computed once per image) + (low-rank
+prompt part, computed per click).
 
-- ``token_to_image_keys``   = layer0.cross_attn_token_to_image.k_proj(keys + pe)
-- ``token_to_image_values`` = layer0.cross_attn_token_to_image.v_proj(keys)
-- ``image_to_token_queries`` = layer0.cross_attn_image_to_token.q_proj(keys + pe)
+Why it is exact. Let e_i be image token i (the embedding, 256-d) and s_i =
+e_i + dense prompt embedding. Everything the transformer adds to an image token
+is low rank:
 
-each f32 [1, 4096, 128] (keys = image embedding + no-mask embedding, flattened).
+- the dense prompt: s_i = e_i + h_i Wm^T + c, with h_i the 16 channels of the
+  mask downscaler before its last 1x1 convolution (times ``has_mask_input``)
+  and c a constant vector (the no-mask embedding or the conv bias, blended);
+- image->token attention: out_i = sum_{head, token} p_i,(h,t) (Wo_h v_t,h) + bo,
+  i.e. P_i @ U with P (4096 x heads*tokens) the attention weights and U the
+  per-head values already mapped by the output projection (``heads*tokens``
+  rows: 56 for one click);
+- LayerNorm is a per-token affine map: LN(y)_i = g * (y_i - mu_i) / sigma_i + b.
 
-``decoder_prepare.onnx``: ``image_embeddings`` -> those three tensors; run once
-per image (about 5 ms on the 2-core CPU).
+So at every stage the image tokens have the form (``FactoredImage``)
 
-``decoder_prepared.onnx``: the inputs of ``decoder.onnx`` without
-``mask_input`` / ``has_mask_input`` (a previous mask changes the keys, so
-refinement with a mask goes through ``decoder.onnx``), plus the three tensors;
-outputs exactly as ``decoder.onnx`` (same names, shapes and meaning).
+    X_i = (gain * e_i + z_i @ r) / scale_i + bias,
 
-The graph is still the model's own code: while tracing, the three projection
-layers are swapped for modules that return the given tensors, so nothing is
-re-implemented. ``decoder.onnx`` alone remains the complete contract.
+with gain a constant vector (the product of the LayerNorm gains so far),
+z (4096 x rank) and scale (4096 x 1) per-click coefficients, and r (rank x 256),
+bias per-click but small. Any linear map W then splits into
 
-Does it pay? Measured with ``bench/decoder.py`` (CPU time, one thread, 200
-clicks, 1024 x 1536): 55.6 ms per click instead of 61.2 ms (-9%; 0.66x the
-official style instead of 0.73x), for 5 ms once per image, 6 MB of state per
-image and a 0.4 MB extra file. It is what brings a click under the 0.7x
-target, so the server offers it and the browser uses it when it can; a click
-with a mask input still runs ``decoder.onnx``.
+    W X_i = (W diag(gain)) e_i / scale_i + z_i @ (r W^T) / scale_i + W bias,
+
+where (W diag(gain)) e is the same for every click of the image: that is what
+``decoder_prepare.onnx`` computes. The LayerNorm statistics mu_i, sigma_i need
+the tokens themselves, so the per-click graph also keeps X explicitly, updated
+by the same low-rank terms (s, then y = X + P @ U + bo, then LN(y)); that costs
+one 4096 x rank x 256 product per layer instead of the projections.
+
+Per image (``decoder_prepare.onnx``: ``image_embeddings`` -> the tensors named
+in ``PREPARED_NAMES``, each f32 [1, 4096, D]): for each two-way layer l the
+token->image keys and values and the image->token queries, 128 channels each,
+``layer{l}_keys`` / ``_values`` / ``_queries`` (layer 0 also carries the
+positional encoding and is already the model's projection, as its tokens are
+not normalized yet); ``final_keys`` / ``final_values`` of the final attention;
+``upscaling``, the first transposed convolution's 256 outputs per token
+(kernel 2 stride 2 does not overlap, so it is a per-token 256 -> 2x2x64 map).
+Total 8 x 4096 x 128 + 4096 x 256 floats = 20 MB per image (fp32), for about
+1.3 G multiply-adds: one old click's work.
+
+Per click (``decoder_prepared.onnx``): the inputs of ``decoder.onnx`` (mask
+input included: refinement clicks take this path too) plus those tensors;
+outputs exactly those of ``decoder.onnx`` (same names, shapes, meaning; the
+display outputs come from ``DecoderOnnx.with_display``). Left per click: the
+token side (tiny), the low-rank products (4096 x rank x 128 or 256, rank =
+16 + 1 + heads*tokens after layer 0, twice that before the upscaling),
+elementwise work on 4096 x 256 and 16384 x 64, the second transposed
+convolution (a 64 -> 2x2x32 map per pixel, 134 M multiply-adds, which a GELU
+separates from anything per image) and the hypernetwork product. For one point
+(7 tokens) that is about 0.7 G multiply-adds instead of 1.7 G. The low-rank
+form loses its edge once heads*tokens passes 128 (more than 11 points), where
+it still is exact, just not cheaper.
+
+The weights are read from the model's own modules at export time (prompt
+encoder, transformer layers, heads); the token side calls those modules
+unchanged. The upscaling runs in token-major layout (4096 x 2x2 x 2x2 x 32)
+so the only transpose is of the final 4 x 256 x 256 logits.
+
+Speed (``bench/decoder.py``): see that script's report and the README.
 """
 from __future__ import annotations
 
+import math
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from trimask.export.onnx_decoder import (
     DISPLAY_AXES,
@@ -52,104 +91,336 @@ from trimask.export.onnx_decoder import (
     trace_to_onnx,
 )
 
-PREPARED_NAMES = ("token_to_image_keys", "token_to_image_values", "image_to_token_queries")
-PREPARED_INPUTS = ("image_embeddings", "point_coords", "point_labels", "orig_im_size") + PREPARED_NAMES
+
+def prepared_names(depth: int) -> tuple[str, ...]:
+    """Names of the per-image tensors for a transformer of ``depth`` two-way layers."""
+    per_layer = [f"layer{l}_{kind}" for l in range(depth) for kind in ("keys", "values", "queries")]
+    return ("image_tokens", *per_layer, "final_keys", "final_values", "upscaling")
 
 
-def _first_layer_projections(sam: nn.Module) -> tuple[nn.Module, nn.Module]:
-    layer = sam.mask_decoder.transformer.layers[0]
-    return layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+# SAM's decoder always has two layers.
+PREPARED_NAMES = prepared_names(2)
+# The per-click graph reads the image only through the per-image tensors.
+PREPARED_INPUTS = INPUT_NAMES[1:] + PREPARED_NAMES
 
 
-class _Given(nn.Module):
-    """Stands in for a projection layer: returns a tensor computed elsewhere."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.value
+def _flat_tokens(image: Tensor) -> Tensor:
+    """1 x C x H x W -> HW x C (token-major, as the transformer flattens it)."""
+    return image.flatten(2).squeeze(0).transpose(0, 1)
 
 
-@contextmanager
-def _projections_given(sam: nn.Module, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> Iterator[None]:
-    token_to_image, image_to_token = _first_layer_projections(sam)
-    saved = (token_to_image.k_proj, token_to_image.v_proj, image_to_token.q_proj)
-    token_to_image.k_proj, token_to_image.v_proj = _Given(keys), _Given(values)
-    image_to_token.q_proj = _Given(queries)
-    try:
-        yield
-    finally:
-        token_to_image.k_proj, token_to_image.v_proj, image_to_token.q_proj = saved
+def _transposed_conv_as_linear(conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+    """A kernel-2 stride-2 ConvTranspose2d (Cin -> Cout) as a per-token linear map.
+
+    Returns weight (4 Cout x Cin) and bias (4 Cout), output index (a, b, o) for
+    output pixel (2y + a, 2x + b), channel o.
+    """
+    if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2) or tuple(conv.padding) != (0, 0):
+        raise ValueError("only kernel 2, stride 2, no padding transposed convolutions are per-token maps")
+    weight = conv.weight.detach()  # Cin x Cout x 2 x 2
+    cin, cout = weight.shape[:2]
+    return weight.permute(2, 3, 1, 0).reshape(4 * cout, cin), conv.bias.detach().repeat(4)
 
 
-class PrepareOnnx(nn.Module):
-    """image_embeddings 1 x 256 x 64 x 64 -> the three first-layer projections, each 1 x 4096 x 128."""
+@dataclass
+class FactoredImage:
+    """Image tokens X (N x C) held as X_i = (gain * e_i + z_i @ r) / scale_i.
 
-    def __init__(self, sam: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.token_to_image, self.image_to_token = _first_layer_projections(sam)
+    z: N x rank with column 0 equal to scale (so r's row 0 is X's constant
+    term); r: rank x C; scale: N x 1, or None while it is 1. gain is implied:
+    the per-image tensors were computed with it. For the LayerNorm statistics X
+    is also kept explicitly, as ``base + sum(pending p @ u)``, the pending
+    low-rank terms being added in one product when the statistics are needed.
+    """
 
-    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """See the module docstring."""
-        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        keys = (image_embeddings + no_mask).flatten(2).permute(0, 2, 1)
-        pe = self.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
-        return (
-            self.token_to_image.k_proj(keys + pe),
-            self.token_to_image.v_proj(keys),
-            self.image_to_token.q_proj(keys + pe),
+    z: Tensor
+    r: Tensor
+    scale: Tensor | None
+    base: Tensor
+    pending: tuple[tuple[Tensor, Tensor], ...]
+
+    def project(self, weight: Tensor, bias: Tensor, per_image: Tensor, offset: Tensor | None = None) -> Tensor:
+        """X @ weight^T + bias (+ offset) -> N x D, from per_image = (gain * e) @ weight^T (N x D).
+
+        offset: N x D, e.g. the positional encoding's projection (added outside the scale).
+        """
+        rw = self.r @ weight.T
+        rw = torch.cat([rw[:1] + bias, rw[1:]], dim=0)  # z's column 0 is the scale: the bias joins row 0
+        out = per_image + self.z @ rw
+        if self.scale is not None:
+            out = out / self.scale
+        return out if offset is None else out + offset
+
+    def add(self, p: Tensor, u: Tensor, const: Tensor) -> FactoredImage:
+        """X + p @ u + const, p: N x k, u: k x C, const: C."""
+        p = _flush_tiny(p)
+        scaled = p if self.scale is None else self.scale * p
+        return FactoredImage(
+            z=torch.cat([self.z, scaled], dim=1),
+            r=torch.cat([self.r[:1] + const, self.r[1:], u], dim=0),
+            scale=self.scale,
+            base=self.base,
+            pending=(*self.pending, (p, u), (torch.ones_like(p[:, :1]), const[None])),
+        )
+
+    def dense(self) -> Tensor:
+        """X itself, N x C."""
+        return self.base + torch.cat([p for p, _ in self.pending], 1) @ torch.cat([u for _, u in self.pending], 0)
+
+    def layer_norm(self, norm: nn.LayerNorm) -> FactoredImage:
+        """LN(X) = g * (X_i - mu_i) / sigma_i + b; the new gain is gain * g (the caller's per-image tensors).
+
+        With scale' = scale * sigma: LN(X)_i = (gain g e_i + z_i (r g) - scale_i mu_i g + scale'_i b) / scale'_i,
+        so z becomes [scale', z, scale * mu] and r becomes [b; r g; -g].
+        """
+        g, b = norm.weight, norm.bias
+        y = self.dense()
+        mu = y.mean(dim=-1, keepdim=True)
+        centred = y - mu
+        sigma = torch.sqrt(centred.square().mean(dim=-1, keepdim=True) + norm.eps)
+        scale = sigma if self.scale is None else self.scale * sigma
+        return FactoredImage(
+            z=torch.cat([scale, self.z, self.z[:, :1] * mu], dim=1),
+            r=torch.cat([b[None], self.r * g, -g[None]], dim=0),
+            scale=scale,
+            base=centred / sigma * g + b,
+            pending=(),
         )
 
 
+# Below this a coefficient cannot change a float32 sum of the decoder's magnitudes; flushed to 0
+# because subnormal floats (tiny attention weights, GELU tails) make a matrix product several
+# times slower on x86, native or WebAssembly.
+_NEGLIGIBLE = 1e-30
+
+
+def _flush_tiny(x: Tensor) -> Tensor:
+    """x with entries of magnitude under 1e-30 set to 0 (see _NEGLIGIBLE)."""
+    return torch.where(x.abs() < _NEGLIGIBLE, torch.zeros_like(x), x)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """N x D -> heads x N x D/heads."""
+    return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
+
+
+def _token_to_image(attn: nn.Module, q_in: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Tokens attend to the image: q_in 1 x T x C, keys / values N x D already projected -> 1 x T x C."""
+    heads = attn.num_heads
+    q = _split_heads(attn.q_proj(q_in)[0], heads)  # heads x T x d
+    k, v = _split_heads(keys, heads), _split_heads(values, heads)  # heads x N x d
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    out = torch.softmax(scores, dim=-1) @ v  # heads x T x d
+    return attn.out_proj(out.transpose(0, 1).reshape(1, q.shape[1], -1))
+
+
+def _image_to_token(attn: nn.Module, queries: Tensor, k_in: Tensor, v_in: Tensor) -> tuple[Tensor, Tensor]:
+    """The image attends to the tokens, as a low-rank update of the image tokens.
+
+    queries: N x D (projected image queries); k_in, v_in: 1 x T x C.
+    Returns p (N x heads*T, the attention weights) and u (heads*T x C, each
+    token's value mapped by its head's slice of the output projection), so
+    attn(...) = p @ u + out_proj.bias.
+    """
+    heads = attn.num_heads
+    q = _split_heads(queries, heads)  # heads x N x d
+    k = _split_heads(attn.k_proj(k_in)[0], heads)  # heads x T x d
+    v = _split_heads(attn.v_proj(v_in)[0], heads)
+    p = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)  # heads x N x T
+    wo = attn.out_proj.weight  # C x D
+    wo_heads = wo.T.reshape(heads, -1, wo.shape[0])  # heads x d x C
+    u = v @ wo_heads  # heads x T x C
+    return p.transpose(0, 1).reshape(p.shape[1], -1), u.reshape(-1, wo.shape[0])
+
+
+class _Projections(nn.Module):
+    """The image-side linear maps of the decoder and the per-image tensors they need.
+
+    Holds, as buffers, the weights with the LayerNorm gains folded in
+    (W diag(gain)) stacked in ``PREPARED_NAMES`` order, and the positional
+    encoding's projections.
+    """
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        transformer = sam.mask_decoder.transformer
+        pe = _flat_tokens(sam.prompt_encoder.get_dense_pe()).detach()  # N x C
+        upscaling_weight, _ = _transposed_conv_as_linear(sam.mask_decoder.output_upscaling[0])
+        gain = torch.ones(pe.shape[1])
+        weights, pe_terms = [], {}
+        for index, layer in enumerate(transformer.layers):
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            weights += [t2i.k_proj.weight * gain, t2i.v_proj.weight * gain, i2t.q_proj.weight * gain]
+            pe_terms[f"layer{index}_keys"] = pe @ t2i.k_proj.weight.T
+            pe_terms[f"layer{index}_queries"] = pe @ i2t.q_proj.weight.T
+            gain = gain * layer.norm4.weight
+        final = transformer.final_attn_token_to_image
+        weights += [final.k_proj.weight * gain, final.v_proj.weight * gain, upscaling_weight * gain]
+        pe_terms["final_keys"] = pe @ final.k_proj.weight.T
+        self.names = prepared_names(len(transformer.layers))
+        self.widths = [w.shape[0] for w in weights]
+        self.register_buffer("stacked", torch.cat(weights, dim=0).detach())
+        # Layer 0's tokens are not normalized (scale 1), so its positional term joins the per-image tensor.
+        self.first_layer_pe = {name: pe_terms.pop(name).detach() for name in ("layer0_keys", "layer0_queries")}
+        for name, value in pe_terms.items():
+            self.register_buffer(f"pe_{name}", value.detach())
+
+    def per_image(self, image_embeddings: Tensor) -> dict[str, Tensor]:
+        """1 x C x 64 x 64 -> {name: N x D}: one 4096 x 256 x 1280 product, split."""
+        e = _flat_tokens(image_embeddings)
+        parts = dict(zip(self.names[1:], torch.split(e @ self.stacked.T, self.widths, dim=1)))
+        parts["image_tokens"] = e
+        for name, pe_term in self.first_layer_pe.items():
+            parts[name] = parts[name] + pe_term
+        return parts
+
+    def pe_term(self, name: str) -> Tensor | None:
+        return getattr(self, f"pe_{name}", None)
+
+
+class PrepareOnnx(nn.Module):
+    """image_embeddings 1 x 256 x 64 x 64 -> the per-image tensors, each 1 x 4096 x D (PREPARED_NAMES order)."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.projections = _Projections(sam)
+
+    def forward(self, image_embeddings: Tensor) -> tuple[Tensor, ...]:
+        """See the module docstring."""
+        parts = self.projections.per_image(image_embeddings)
+        return tuple(parts[name][None] for name in self.projections.names)
+
+
 class PreparedDecoderOnnx(DecoderOnnx):
-    """decoder.onnx without mask input, reading the first-layer projections from inputs."""
+    """decoder.onnx's inputs plus the per-image tensors -> decoder.onnx's outputs, factored as above."""
 
     def __init__(self, sam: nn.Module) -> None:
         super().__init__(sam)
-        self.sam = sam
+        self.projections = _Projections(sam)
+        self.names = self.projections.names
 
     def forward(  # type: ignore[override]
         self,
-        image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        orig_im_size: torch.Tensor,
-        token_to_image_keys: torch.Tensor,
-        token_to_image_values: torch.Tensor,
-        image_to_token_queries: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(iou_predictions, low_res_masks, display_masks, areas) as DecoderOnnx, no mask input."""
-        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        with _projections_given(self.sam, token_to_image_keys, token_to_image_values, image_to_token_queries):
-            iou_predictions, low_res_masks = self.decode(image_embeddings, point_coords, point_labels, no_mask)
+        point_coords: Tensor,
+        point_labels: Tensor,
+        mask_input: Tensor,
+        has_mask_input: Tensor,
+        orig_im_size: Tensor,
+        *prepared: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(iou_predictions, low_res_masks, display_masks, areas) as DecoderOnnx;
+        prepared: the tensors of ``PrepareOnnx`` for this image, 1 x N x D each."""
+        state = {name: value.squeeze(0) for name, value in zip(self.names, prepared)}
+        tokens = torch.cat(
+            [
+                self.mask_decoder.iou_token.weight,
+                self.mask_decoder.mask_tokens.weight,
+                self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)[0],
+            ],
+            dim=0,
+        )[None]  # 1 x T x C
+        image = self.embed_image(state["image_tokens"], mask_input, has_mask_input)
+        hs, image = self.transformer(tokens, image, state)
+        low_res_masks = self.masks(hs, image, state["upscaling"])
+        iou_predictions = self.mask_decoder.iou_prediction_head(hs[:, 0])
         return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+
+    def embed_image(self, image_tokens: Tensor, mask_input: Tensor, has_mask_input: Tensor) -> FactoredImage:
+        """The transformer's input s = e + dense prompt, as e + (has * h) @ Wm^T + c; image_tokens: e, N x C.
+
+        h (N x 16) is the mask downscaler's output before its last 1x1 convolution
+        (Wm, bm); c = has * bm + (1 - has) * no_mask_embed: the blend of ``embed_mask``.
+        """
+        pe = self.prompt_encoder
+        last = pe.mask_downscaling[-1]
+        h = _flush_tiny(_flat_tokens(pe.mask_downscaling[:-1](mask_input)) * has_mask_input)  # N x 16
+        wm = last.weight[:, :, 0, 0]  # C x 16
+        c = has_mask_input * last.bias + (1 - has_mask_input) * pe.no_mask_embed.weight[0]
+        ones = torch.ones(h.shape[0], 1)
+        return FactoredImage(
+            z=torch.cat([ones, h], dim=1), r=torch.cat([c[None], wm.T], dim=0), scale=None,
+            base=image_tokens, pending=((ones, c[None]), (h, wm.T)),
+        )
+
+    def transformer(
+        self, point_embedding: Tensor, image: FactoredImage, state: dict[str, Tensor]
+    ) -> tuple[Tensor, FactoredImage]:
+        """``TwoWayTransformer.forward`` with the image side factored -> (tokens 1 x T x C, image tokens)."""
+        transformer = self.mask_decoder.transformer
+        pe = point_embedding
+        queries = point_embedding
+        for index, layer in enumerate(transformer.layers):
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+
+            t2i = layer.cross_attn_token_to_image
+            keys = self.project(image, t2i.k_proj, state, f"layer{index}_keys")
+            values = self.project(image, t2i.v_proj, state, f"layer{index}_values")
+            queries = layer.norm2(queries + _token_to_image(t2i, queries + pe, keys, values))
+
+            queries = layer.norm3(queries + layer.mlp(queries))
+
+            i2t = layer.cross_attn_image_to_token
+            image_queries = self.project(image, i2t.q_proj, state, f"layer{index}_queries")
+            p, u = _image_to_token(i2t, image_queries, queries + pe, queries)
+            image = image.add(p, u, i2t.out_proj.bias).layer_norm(layer.norm4)
+
+        final = transformer.final_attn_token_to_image
+        keys = self.project(image, final.k_proj, state, "final_keys")
+        values = self.project(image, final.v_proj, state, "final_values")
+        queries = transformer.norm_final_attn(queries + _token_to_image(final, queries + pe, keys, values))
+        return queries, image
+
+    def project(self, image: FactoredImage, linear: nn.Linear, state: dict[str, Tensor], name: str) -> Tensor:
+        return image.project(linear.weight, linear.bias, state[name], self.projections.pe_term(name))
+
+    def masks(self, hs: Tensor, image: FactoredImage, per_image: Tensor) -> Tensor:
+        """``output_upscaling`` + hypernetworks, per token: -> logits 1 x 4 x 4H x 4W.
+
+        Layout y x (a b) x channels, then (a b a2 b2) x channels: no pixel shuffle until the end.
+        """
+        decoder = self.mask_decoder
+        conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+        w1, b1 = _transposed_conv_as_linear(conv1)
+        w2, b2 = _transposed_conv_as_linear(conv2)
+        side = self.prompt_encoder.image_embedding_size[0]
+        x = image.project(w1, b1, per_image).reshape(side * side, 4, -1)  # N x (a b) x C/4
+        x = act1(F.layer_norm(x, (conv1.out_channels,), norm.weight, norm.bias, norm.eps))
+        x = act2(x @ w2.T + b2).reshape(side * side, 16, -1)  # N x (a b a2 b2) x C/8
+        hyper_in = torch.stack(
+            [mlp(hs[0, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=0
+        )  # 4 x C/8
+        masks = (x @ hyper_in.T).reshape(side, side, 2, 2, 2, 2, -1)  # y x a b a2 b2 token
+        masks = masks.permute(6, 0, 2, 4, 1, 3, 5)  # token, y a a2, x b b2
+        return masks.reshape(1, -1, 4 * side, 4 * side)
 
 
 def export_prepared_decoder(
     sam: nn.Module, prepare_path: str | Path, decoder_path: str | Path, *, quantize: bool = False
 ) -> tuple[Path, Path]:
-    """Write decoder_prepare.onnx (always fp32: it is small) and decoder_prepared.onnx
-    (quantized if asked); each appears atomically. Returns both paths."""
+    """Write decoder_prepare.onnx (always fp32) and decoder_prepared.onnx (quantized if asked);
+    each appears atomically. Returns both paths."""
     prepare_path, decoder_path = Path(prepare_path), Path(decoder_path)
     base = example_inputs()
-    embedding, coords, labels, orig_size = base[0], base[1], base[2], base[5]
+    prepare = PrepareOnnx(sam)
     with torch.no_grad():
-        prepared = PrepareOnnx(sam)(embedding)
-    shapes = {name: (1, 4096, 128) for name in PREPARED_NAMES}
+        prepared = prepare(base[0])
+    shapes = {name: (1, value.shape[1], value.shape[2]) for name, value in zip(PREPARED_NAMES, prepared)}
     for path in (prepare_path, decoder_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=prepare_path.parent, prefix=".export-") as tmp:
         traced = Path(tmp) / "decoder_prepare.onnx"
-        trace_to_onnx(PrepareOnnx(sam), (embedding,), traced, ["image_embeddings"], shapes, {})
+        trace_to_onnx(prepare, (base[0],), traced, ["image_embeddings"], shapes, {})
         _finish(traced, prepare_path, quantize=False)
     with tempfile.TemporaryDirectory(dir=decoder_path.parent, prefix=".export-") as tmp:
         traced = Path(tmp) / "decoder_prepared.onnx"
         trace_to_onnx(
             PreparedDecoderOnnx(sam),
-            (embedding, coords, labels, orig_size, *prepared),
+            (*base[1:], *prepared),
             traced,
             list(PREPARED_INPUTS),
             OUTPUT_SHAPES,
@@ -157,8 +428,10 @@ def export_prepared_decoder(
         )
         probes = []
         for args in probe_inputs():
-            named = dict(zip(INPUT_NAMES, args)) | dict(zip(PREPARED_NAMES, prepared))
-            probes.append({name: named[name].numpy() for name in PREPARED_INPUTS})
+            with torch.no_grad():
+                state = prepare(args[0])
+            named = dict(zip(PREPARED_INPUTS, (*args[1:], *state)))
+            probes.append({name: value.numpy() for name, value in named.items()})
         drop_unit_tiles(traced, probes)
         _finish(traced, decoder_path, quantize)
     return prepare_path, decoder_path

@@ -203,29 +203,6 @@ def test_cli_exports_a_loadable_file_and_reports_bad_models_in_one_line(tmp_path
     assert not (tmp_path / "y.onnx").exists()
 
 
-def test_prepared_fast_path_gives_the_same_outputs_as_decoder_onnx(sam, session, tmp_path):
-    """decoder_prepare.onnx once per image + decoder_prepared.onnx per click == decoder.onnx."""
-    from trimask.export.prepared_decoder import PREPARED_INPUTS, export_prepared_decoder
-
-    prepare_path, prepared_path = export_prepared_decoder(sam, tmp_path / "prepare.onnx", tmp_path / "prepared.onnx")
-    for path in (prepare_path, prepared_path):
-        onnx.checker.check_model(str(path), full_check=True)
-    prepare = ort.InferenceSession(str(prepare_path), providers=["CPUExecutionProvider"])
-    prepared = ort.InferenceSession(str(prepared_path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in prepared.get_inputs()] == list(PREPARED_INPUTS)
-    assert [o.name for o in prepared.get_outputs()] == [o.name for o in session.get_outputs()]
-    embedding = _embedding(11)
-    state = dict(zip([o.name for o in prepare.get_outputs()], prepare.run(None, {"image_embeddings": embedding})))
-    rng = np.random.default_rng(3)
-    for kind, size in [("point", (480, 640)), ("points", (3000, 4000)), ("box", (1500, 843)), ("box+points", (1024, 1536))]:
-        feeds = verify.onnx_feeds(embedding, verify.random_prompt(rng, size, kind), size)
-        full = session.run(None, feeds)
-        fast = prepared.run(None, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state)
-        np.testing.assert_allclose(fast[0], full[0], rtol=1e-5, atol=1e-6)
-        assert np.abs(fast[1] - full[1]).max() <= 1e-5 * np.abs(full[1]).max()
-        assert ((fast[2] > 0) != (full[2] > 0)).sum() <= 2
-
-
 _ORT_WEB_RUN = """
 import fs from "node:fs";
 import { pathToFileURL } from "node:url";
@@ -305,24 +282,6 @@ def test_decoder_runs_in_onnxruntime_web_wasm_with_the_same_outputs(onnx_path, s
             for token in range(4):
                 assert verify.mask_iou(web["low_res_masks"][0, token] > 0, expected["low_res_masks"][0, token] > 0) >= 0.95
             np.testing.assert_allclose(web["iou_predictions"], expected["iou_predictions"], atol=0.02)
-
-
-@pytest.mark.slow
-def test_prepared_fast_path_runs_in_onnxruntime_web_wasm(sam, session, tmp_path):
-    from trimask.export.prepared_decoder import PREPARED_INPUTS, export_prepared_decoder
-
-    _ort_web_module()
-    prepare_path, prepared_path = export_prepared_decoder(sam, tmp_path / "prepare.onnx", tmp_path / "prepared.onnx")
-    size = (1024, 1536)
-    embedding = _embedding(22)
-    feeds = verify.onnx_feeds(embedding, verify.random_prompt(np.random.default_rng(5), size, "points"), size)
-    (tmp_path / "a").mkdir()
-    state = _run_in_ort_web(prepare_path, {"image_embeddings": embedding}, tmp_path / "a")
-    (tmp_path / "b").mkdir()
-    web = _run_in_ort_web(prepared_path, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state, tmp_path / "b")
-    expected = session.run(["low_res_masks", "display_masks"], feeds)
-    assert np.abs(web["low_res_masks"] - expected[0]).max() <= 1e-4 * np.abs(expected[0]).max()
-    assert ((web["display_masks"] > 0) != (expected[1] > 0)).sum() <= 4
 
 
 def test_outputs_equal_the_official_onnx_wrapper_with_the_same_weights(sam, session):

@@ -1,0 +1,151 @@
+"""The fast path (decoder_prepare.onnx once per image + decoder_prepared.onnx per click) gives
+decoder.onnx's outputs for every prompt kind, mask input included, at any image size."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from checkpoint_factory import make_official_checkpoint
+from test_onnx_export import KINDS, SIZES, _embedding, _prompt, _run_in_ort_web, _ort_web_module
+from trimask.export import verify
+from trimask.export.onnx_decoder import OPSET, OUTPUT_NAMES, export_decoder
+from trimask.export.prepared_decoder import PREPARED_INPUTS, PREPARED_NAMES, export_prepared_decoder
+from trimask.models.build import build_sam
+
+# "mask ignored": a non-zero mask_input with has_mask_input 0 must change nothing.
+PROMPT_KINDS = [*KINDS, "mask ignored"]
+
+
+def _strong_norms(model: torch.nn.Module, seed: int) -> None:
+    """LayerNorm gains far from 1 and biases far from 0, so the factored LayerNorm algebra
+    (per-image tensors computed with the products of the gains) is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
+                module.weight.mul_(0.5 + torch.rand(module.weight.shape, generator=gen))
+                module.bias.add_(0.2 * torch.randn(module.bias.shape, generator=gen))
+
+
+class Graphs:
+    """A model with its decoder.onnx and fast-path sessions."""
+
+    def __init__(self, sam, folder) -> None:
+        self.sam = sam.eval()
+        self.folder = folder
+        self.decoder_path = export_decoder(sam, folder / "decoder.onnx")
+        self.prepare_path, self.prepared_path = export_prepared_decoder(
+            sam, folder / "decoder_prepare.onnx", folder / "decoder_prepared.onnx"
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        self.decoder, self.prepare, self.prepared = (
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for path in (self.decoder_path, self.prepare_path, self.prepared_path)
+        )
+
+    def state(self, embedding: np.ndarray) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.prepare.get_outputs()]
+        return dict(zip(names, self.prepare.run(None, {"image_embeddings": embedding})))
+
+    def run_prepared(self, session, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state)
+
+
+@pytest.fixture(scope="module", params=["vit_b", "tiny"])
+def graphs(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "vit_b":
+        # Random official-format weights, every parameter perturbed.
+        sam = build_sam("vit_b", make_official_checkpoint("vit_b", folder / "vit_b.pth", seed=3))
+    else:
+        sam = build_sam("tiny")  # the bundled trained weights
+    _strong_norms(sam.mask_decoder, seed=4)
+    return Graphs(sam, folder)
+
+
+def test_prepared_graphs_declare_their_tensors_and_use_standard_ops_only(graphs):
+    prepare, prepared = graphs.prepare, graphs.prepared
+    assert [o.name for o in prepare.get_outputs()] == list(PREPARED_NAMES)
+    assert [i.name for i in prepared.get_inputs()] == list(PREPARED_INPUTS)
+    assert [o.name for o in prepared.get_outputs()] == list(OUTPUT_NAMES)
+    shapes = {o.name: o.shape for o in prepare.get_outputs()}
+    assert shapes["upscaling"] == [1, 4096, 256] and shapes["image_tokens"] == [1, 4096, 256]
+    assert all(shapes[name] == [1, 4096, 128] for name in PREPARED_NAMES if name not in ("upscaling", "image_tokens"))
+    for path in (graphs.prepare_path, graphs.prepared_path):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
+        assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_prepared_equals_decoder_onnx_and_the_pytorch_decoder(graphs, kind, size):
+    embedding = _embedding(hash((kind, size)) % 1000)
+    prompt = _prompt("point" if kind == "mask ignored" else kind, size, seed=8, sam=graphs.sam, embedding=embedding)
+    feeds = verify.onnx_feeds(embedding, prompt, size)
+    if kind == "mask ignored":
+        feeds["mask_input"] = np.random.default_rng(1).normal(0, 5, (1, 1, 256, 256)).astype(np.float32)
+    fast = dict(zip(OUTPUT_NAMES, graphs.run_prepared(graphs.prepared, feeds, graphs.state(embedding))))
+    full = dict(zip(OUTPUT_NAMES, graphs.decoder.run(None, feeds)))
+    ref_iou, ref_low_res = verify.torch_reference(graphs.sam, embedding, prompt, size)
+
+    for expected in (full["low_res_masks"], ref_low_res):
+        assert np.abs(fast["low_res_masks"] - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert ((fast["low_res_masks"] > 0) != (expected > 0)).sum() <= 4
+    for expected in (full["iou_predictions"], ref_iou):
+        np.testing.assert_allclose(fast["iou_predictions"], expected, rtol=1e-4, atol=1e-5)
+    assert fast["display_masks"].shape == full["display_masks"].shape
+    assert fast["display_masks"].dtype == np.uint8
+    assert (fast["display_masks"] != full["display_masks"]).sum() <= 4
+    np.testing.assert_allclose(fast["areas"], full["areas"], atol=1e-4)
+
+
+def test_quantized_prepared_decoder_agrees_with_fp32(graphs):
+    _, quant_path = export_prepared_decoder(
+        graphs.sam, graphs.folder / "unused.onnx", graphs.folder / "decoder_prepared.quant.onnx", quantize=True
+    )
+    onnx.checker.check_model(str(quant_path))
+    quantized = ort.InferenceSession(str(quant_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    ious, score_diffs = [], []
+    for seed in range(2):
+        embedding = _embedding(40 + seed)
+        state = graphs.state(embedding)
+        for kind in PROMPT_KINDS[:5]:
+            size = (768, 1024)
+            feeds = verify.onnx_feeds(embedding, _prompt(kind, size, int(rng.integers(1000)), graphs.sam, embedding), size)
+            iou, low_res = graphs.decoder.run(["iou_predictions", "low_res_masks"], feeds)
+            q_iou, q_low_res, display, _ = graphs.run_prepared(quantized, feeds, state)
+            assert display.dtype == np.uint8 and q_low_res.shape == (1, 4, 256, 256)
+            ious += [verify.mask_iou(low_res[0, t] > 0, q_low_res[0, t] > 0) for t in range(4)]
+            score_diffs.append(np.abs(q_iou - iou).max())
+    assert np.mean(ious) >= 0.9
+    assert max(score_diffs) <= 0.1
+
+
+@pytest.mark.slow
+def test_prepared_fast_path_runs_in_onnxruntime_web_wasm(graphs, tmp_path):
+    """Every op of both graphs exists in onnxruntime-web's WASM backend (run in Node), with the same results."""
+    _ort_web_module()
+    size = (1024, 1536)
+    embedding = _embedding(22)
+    for kind in ("points", "mask"):
+        feeds = verify.onnx_feeds(embedding, _prompt(kind, size, 5, graphs.sam, embedding), size)
+        folder = tmp_path / kind
+        (folder / "a").mkdir(parents=True)
+        state = _run_in_ort_web(graphs.prepare_path, {"image_embeddings": embedding}, folder / "a")
+        (folder / "b").mkdir()
+        web = _run_in_ort_web(
+            graphs.prepared_path, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state, folder / "b"
+        )
+        expected = dict(zip(OUTPUT_NAMES, graphs.decoder.run(None, feeds)))
+        assert np.abs(web["low_res_masks"] - expected["low_res_masks"]).max() <= 1e-4 * np.abs(
+            expected["low_res_masks"]
+        ).max()
+        np.testing.assert_allclose(web["iou_predictions"], expected["iou_predictions"], atol=1e-4)
+        assert ((web["display_masks"] > 0) != (expected["display_masks"] > 0)).sum() <= 4
