@@ -5,7 +5,7 @@
  */
 import * as ortWasm from "onnxruntime-web/wasm";
 import { float16ToFloat32 } from "./float16";
-import { PREPARED_NAMES, type DecodeRequest, type DecoderStyle, type InitRequest, type WorkerMessage, type WorkerRequest } from "./worker_protocol";
+import { PREPARED_NAMES, PREPARED_PROMPT_INPUTS, type DecodeRequest, type DecoderStyle, type InitRequest, type WorkerMessage, type WorkerRequest } from "./worker_protocol";
 
 type Ort = typeof ortWasm;
 
@@ -63,13 +63,17 @@ async function download(url: string): Promise<Uint8Array> {
   return new Uint8Array(await response.arrayBuffer());
 }
 
-/** Loads the optional fast path; any mismatch (e.g. a server without it) leaves decoder.onnx alone in use. */
+/**
+ * Loads the optional fast path; any mismatch (a server without it, or an older pair of graphs)
+ * leaves decoder.onnx alone in use.
+ */
 async function loadFastPath(urls: { prepareUrl: string; preparedUrl: string }, options: ortWasm.InferenceSession.SessionOptions): Promise<void> {
   try {
     const prepare = await ort.InferenceSession.create(await download(urls.prepareUrl), options);
     if (!PREPARED_NAMES.every((n) => prepare.outputNames.includes(n))) return;
     const decoder = await ort.InferenceSession.create(await download(urls.preparedUrl), options);
-    if (!PREPARED_NAMES.every((n) => decoder.inputNames.includes(n))) return;
+    const expected = [...PREPARED_PROMPT_INPUTS, ...PREPARED_NAMES];
+    if (decoder.inputNames.length !== expected.length || !expected.every((n) => decoder.inputNames.includes(n))) return;
     prepareSession = prepare;
     preparedSession = decoder;
   } catch {
@@ -127,20 +131,15 @@ async function decode(req: DecodeRequest): Promise<void> {
     return;
   }
   const names = ["iou_predictions", "low_res_masks", "display_masks", "areas"];
-  // Without mask_input the fast path gives the same outputs with the image-side work done once.
-  const out =
-    !req.maskInput && preparedSession && prepared
-      ? await preparedSession.run(
-          {
-            image_embeddings: embedding,
-            point_coords: feeds.point_coords,
-            point_labels: feeds.point_labels,
-            orig_im_size: feeds.orig_im_size,
-            ...prepared,
-          },
-          names,
-        )
-      : await session.run(feeds, names);
+  // The fast path gives decoder.onnx's outputs, mask input included, with the image-side work done once per image.
+  let out: ortWasm.InferenceSession.ReturnType;
+  if (preparedSession && prepared) {
+    const fastFeeds: Record<string, ortWasm.Tensor> = { ...prepared };
+    for (const name of PREPARED_PROMPT_INPUTS) fastFeeds[name] = feeds[name];
+    out = await preparedSession.run(fastFeeds, names);
+  } else {
+    out = await session.run(feeds, names);
+  }
   const dims = out.display_masks.dims as number[];
   const display = owned(out.display_masks.data as Uint8Array);
   const lowRes = owned(out.low_res_masks.data as Float32Array);

@@ -18,7 +18,7 @@ export interface InitRequest {
   style: DecoderStyle;
   /**
    * The optional two-graph fast path (decoder_prepare.onnx once per image, decoder_prepared.onnx
-   * for prompts without mask_input); used only if both load and have the expected inputs/outputs.
+   * for every prompt, mask input included); used only if both load and have the expected inputs/outputs.
    */
   fastPath: { prepareUrl: string; preparedUrl: string } | null;
 }
@@ -58,8 +58,25 @@ export interface ReadyMessage {
   fastPath: boolean;
 }
 
-/** Names of the fast path's per-image tensors (decoder_prepare.onnx outputs, decoder_prepared.onnx inputs). */
-export const PREPARED_NAMES = ["token_to_image_keys", "token_to_image_values", "image_to_token_queries"] as const;
+/**
+ * Names of the fast path's per-image tensors (decoder_prepare.onnx outputs, decoder_prepared.onnx
+ * inputs; trimask.export.prepared_decoder.PREPARED_NAMES).
+ */
+export const PREPARED_NAMES = [
+  "image_tokens",
+  "layer0_keys",
+  "layer0_values",
+  "layer0_queries",
+  "layer1_keys",
+  "layer1_values",
+  "layer1_queries",
+  "final_keys",
+  "final_values",
+  "upscaling",
+] as const;
+
+/** The per-click inputs decoder_prepared.onnx takes besides the prepared tensors (decoder.onnx's, less the embedding). */
+export const PREPARED_PROMPT_INPUTS = ["point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"] as const;
 
 export interface EmbeddingReadyMessage {
   type: "embedding-ready";
