@@ -10,8 +10,11 @@ the machine hits all alike), at two image sizes:
   is valid for any size (the official script bakes the traced size in).
 - ``ours fp32`` and ``ours quantized``: trimask's decoder.onnx
   (low-res logits + 512-px uint8 display masks + areas).
-- ``ours ..., prepared``: the optional fast path (decoder_prepared.onnx after
-  decoder_prepare.onnx ran once for the image; see prepared_decoder.py).
+- ``ours ..., prepared``: the fast path (decoder_prepared.onnx after
+  decoder_prepare.onnx ran once for the image; see prepared_decoder.py), for
+  every prompt kind, mask input included. decoder_prepare.onnx is always fp32;
+  its time per image (wall and one-thread CPU) and the size of the per-image
+  state it makes are printed below the table.
 
 Then the agreement of the quantized decoder with fp32: IoU of each token's
 thresholded mask over many prompts on embeddings of real images (the
@@ -111,6 +114,16 @@ def embed(sam: torch.nn.Module, images: list[np.ndarray]) -> list[tuple[np.ndarr
     return [(sam.image_encoder(preprocess(image)).numpy(), image.shape[:2]) for image in images]
 
 
+class WithState:
+    """A decoder_prepared session that takes decoder.onnx's feeds (for verify.agreement)."""
+
+    def __init__(self, prepared_session, state: dict[str, np.ndarray]) -> None:
+        self.session, self.state = prepared_session, state
+
+    def run(self, names, feeds: dict[str, np.ndarray]):
+        return self.session.run(names, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | self.state)
+
+
 def time_clicks(
     sessions: dict,
     embeddings: list[np.ndarray],
@@ -126,7 +139,7 @@ def time_clicks(
     one intra-op thread onnxruntime computes on the caller's thread, so this counts the
     work alone, not the waiting when other processes load the machine).
 
-    Sessions whose name contains "prepared" get the image's prepared state instead of the mask inputs.
+    Sessions whose name contains "prepared" get the prompt inputs and the image's prepared state.
     """
     rng = np.random.default_rng(seed)
     times = {name: [] for name in sessions}
@@ -185,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
         prepare_names = [o.name for o in prepare.get_outputs()]
-        states, prepare_times = [], []
-        for embedding in timing_embeddings * 3:
+        prepare_single = session(prepare_path, 1)
+        states, prepare_times, prepare_cpu = [], [], []
+        for embedding in timing_embeddings * 5:
             start = time.perf_counter()
             outputs = prepare.run(None, {"image_embeddings": embedding})
             prepare_times.append(time.perf_counter() - start)
+            start = time.thread_time()
+            prepare_single.run(None, {"image_embeddings": embedding})
+            prepare_cpu.append(time.thread_time() - start)
             states.append(dict(zip(prepare_names, outputs)))
         states = states[: len(timing_embeddings)]
+        state_mb = sum(value.nbytes for value in states[0].values()) / 1e6
 
         print(f"\nPer-click decode time, onnxruntime {__import__('onnxruntime').__version__} CPU, "
               f"{args.threads} threads, model {identity}, {args.clicks} clicks (mixed points / boxes)\n")
@@ -209,38 +227,46 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {size[0]} x {size[1]} | {name} | {sizes_mb[name]:.1f} | {p50:.1f} | {p95:.1f} "
                       f"| {np.median(times[name]) / base:.2f}x | {cpu_p50:.1f} | {np.median(cpu[name]) / cpu_base:.2f}x |")
             sys.stdout.flush()
-        print(f"\n\"prepared\": decoder_prepare.onnx ({os.path.getsize(prepare_path) / 1e6:.1f} MB) runs once per "
-              f"image, median {np.median(prepare_times) * 1e3:.1f} ms; the click graph then skips the first "
-              f"layer's image-side projections and takes no mask input.")
+        print(f"\n\"prepared\": decoder_prepare.onnx ({os.path.getsize(prepare_path) / 1e6:.1f} MB, fp32) runs once "
+              f"per image: p50 {np.median(prepare_times) * 1e3:.1f} ms, p95 {np.percentile(prepare_times, 95) * 1e3:.1f} ms "
+              f"wall ({args.threads} threads), {np.median(prepare_cpu) * 1e3:.1f} ms CPU on one thread "
+              f"({len(prepare_cpu)} runs); it makes {state_mb:.1f} MB of fp32 state per image, which the click graph "
+              f"reads instead of the 4096 image tokens' dense projections.")
 
         if embedded:
-            print(f"\nQuantized vs fp32 agreement ({len(embedded)} images embedded by {identity}, "
+            print(f"\nQuantized vs fp32 decoder.onnx agreement ({len(embedded)} images embedded by {identity}, "
                   f"{args.prompts} random prompts each, 4 tokens per prompt; IoU of masks > 0 "
                   f"in the image's 256-frame region)\n")
-            stats_per_image = []
-            for embedding, hw in embedded:
-                stats_per_image.append(
-                    verify.agreement(sessions[names[1]], sessions[names[2]], [embedding], hw, args.prompts, seed=1)
-                )
             keys = ["masks", "iou_mean", "iou_median", "iou_p5", "iou_min", "share_iou_ge_0.9",
                     "score_diff_mean", "score_diff_max"]
-            total = sum(s["masks"] for s in stats_per_image)
-            merged = {
-                "masks": total,
-                "iou_mean": sum(s["iou_mean"] * s["masks"] for s in stats_per_image) / total,
-                "iou_median": float(np.median([s["iou_median"] for s in stats_per_image])),
-                "iou_p5": min(s["iou_p5"] for s in stats_per_image),
-                "iou_min": min(s["iou_min"] for s in stats_per_image),
-                "share_iou_ge_0.9": sum(s["share_iou_ge_0.9"] * s["masks"] for s in stats_per_image) / total,
-                "score_diff_mean": sum(s["score_diff_mean"] * s["masks"] for s in stats_per_image) / total,
-                "score_diff_max": max(s["score_diff_max"] for s in stats_per_image),
-            }
-            print("| masks | mean IoU | median IoU (of per-image medians) | worst per-image p5 IoU | min IoU "
-                  "| share IoU >= 0.9 | mean abs score diff | max abs score diff |")
-            print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-            print("| " + " | ".join(
-                f"{int(merged[k])}" if k == "masks" else f"{merged[k]:.4f}" for k in keys) + " |")
-            print(f"\nFile size: fp32 {sizes_mb[names[1]]:.1f} MB, quantized {sizes_mb[names[2]]:.1f} MB")
+            print("| quantized graph | masks | mean IoU | median IoU (of per-image medians) | worst per-image p5 IoU "
+                  "| min IoU | share IoU >= 0.9 | mean abs score diff | max abs score diff |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            for name in (names[2], names[4]):
+                stats_per_image = []
+                for embedding, hw in embedded:
+                    quantized = sessions[name]
+                    if "prepared" in name:
+                        state = dict(zip(prepare_names, prepare.run(None, {"image_embeddings": embedding})))
+                        quantized = WithState(quantized, state)
+                    stats_per_image.append(
+                        verify.agreement(sessions[names[1]], quantized, [embedding], hw, args.prompts, seed=1)
+                    )
+                total = sum(s["masks"] for s in stats_per_image)
+                merged = {
+                    "masks": total,
+                    "iou_mean": sum(s["iou_mean"] * s["masks"] for s in stats_per_image) / total,
+                    "iou_median": float(np.median([s["iou_median"] for s in stats_per_image])),
+                    "iou_p5": min(s["iou_p5"] for s in stats_per_image),
+                    "iou_min": min(s["iou_min"] for s in stats_per_image),
+                    "share_iou_ge_0.9": sum(s["share_iou_ge_0.9"] * s["masks"] for s in stats_per_image) / total,
+                    "score_diff_mean": sum(s["score_diff_mean"] * s["masks"] for s in stats_per_image) / total,
+                    "score_diff_max": max(s["score_diff_max"] for s in stats_per_image),
+                }
+                print(f"| {name} | " + " | ".join(
+                    f"{int(merged[k])}" if k == "masks" else f"{merged[k]:.4f}" for k in keys) + " |")
+            print(f"\nFile size: fp32 {sizes_mb[names[1]]:.1f} MB, quantized {sizes_mb[names[2]]:.1f} MB; "
+                  f"prepared fp32 {sizes_mb[names[3]]:.1f} MB, quantized {sizes_mb[names[4]]:.1f} MB")
     return 0
 
 
