@@ -139,21 +139,23 @@ class FactoredImage:
     base: Tensor
     pending: tuple[tuple[Tensor, Tensor], ...]
 
+    def coefficients(self, weight: Tensor, bias: Tensor) -> Tensor:
+        """rank x D: X @ weight^T + bias = ((gain * e) @ weight^T + z @ coefficients) / scale."""
+        rw = self.r @ weight.T
+        return torch.cat([rw[:1] + bias, rw[1:]], dim=0)  # z's column 0 is the scale: the bias joins row 0
+
     def project(self, weight: Tensor, bias: Tensor, per_image: Tensor, offset: Tensor | None = None) -> Tensor:
         """X @ weight^T + bias (+ offset) -> N x D, from per_image = (gain * e) @ weight^T (N x D).
 
         offset: N x D, e.g. the positional encoding's projection (added outside the scale).
         """
-        rw = self.r @ weight.T
-        rw = torch.cat([rw[:1] + bias, rw[1:]], dim=0)  # z's column 0 is the scale: the bias joins row 0
-        out = per_image + self.z @ rw
+        out = per_image + self.z @ self.coefficients(weight, bias)
         if self.scale is not None:
             out = out / self.scale
         return out if offset is None else out + offset
 
     def add(self, p: Tensor, u: Tensor, const: Tensor) -> FactoredImage:
         """X + p @ u + const, p: N x k, u: k x C, const: C."""
-        p = _flush_tiny(p)
         scaled = p if self.scale is None else self.scale * p
         return FactoredImage(
             z=torch.cat([self.z, scaled], dim=1),
@@ -176,21 +178,21 @@ class FactoredImage:
         g, b = norm.weight, norm.bias
         y = self.dense()
         mu = y.mean(dim=-1, keepdim=True)
-        centred = y - mu
-        sigma = torch.sqrt(centred.square().mean(dim=-1, keepdim=True) + norm.eps)
+        sigma = torch.sqrt((y - mu).square().mean(dim=-1, keepdim=True) + norm.eps)
         scale = sigma if self.scale is None else self.scale * sigma
         return FactoredImage(
             z=torch.cat([scale, self.z, self.z[:, :1] * mu], dim=1),
             r=torch.cat([b[None], self.r * g, -g[None]], dim=0),
             scale=scale,
-            base=centred / sigma * g + b,
+            base=norm(y),  # the same LN(y), one fused op where the next layer needs it
             pending=(),
         )
 
 
-# Below this a coefficient cannot change a float32 sum of the decoder's magnitudes; flushed to 0
-# because subnormal floats (tiny attention weights, GELU tails) make a matrix product several
-# times slower on x86, native or WebAssembly.
+# Subnormal floats (tiny attention weights, GELU tails) make a matrix product several times
+# slower on x86, native or WebAssembly. Attention weights under this are raised to it and mask
+# features under it set to 0: a change of 1e-30 cannot show in a float32 sum of the decoder's
+# magnitudes (the products' own rounding is 1e-7 relative).
 _NEGLIGIBLE = 1e-30
 
 
@@ -199,18 +201,43 @@ def _flush_tiny(x: Tensor) -> Tensor:
     return torch.where(x.abs() < _NEGLIGIBLE, torch.zeros_like(x), x)
 
 
+def _softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last axis, no weight under 1e-30 (see _NEGLIGIBLE)."""
+    return torch.softmax(logits, dim=-1).clamp(min=_NEGLIGIBLE)
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """N x D -> heads x N x D/heads."""
     return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def _token_to_image(attn: nn.Module, q_in: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """Tokens attend to the image: q_in 1 x T x C, keys / values N x D already projected -> 1 x T x C."""
+def _token_to_image(
+    attn: nn.Module, q_in: Tensor, image: FactoredImage, keys: Tensor, values: Tensor, keys_offset: Tensor | None
+) -> Tensor:
+    """Tokens attend to the image tokens X, in the factored form: X is never projected.
+
+    q_in: 1 x T x C; keys, values: heads x N x d, the per-image parts of k_proj(X)
+    and v_proj(X); keys_offset: heads x N x d (the positional term) or None.
+    Returns attn(q_in, X (+ pe), X): 1 x T x C.
+
+    k_i = (A_i + z_i Rk) / scale_i + offset_i, so q . k_i = (q . A_i + z_i (Rk q)) / scale_i
+    + q . offset_i; and with v_i = (B_i + z_i Rv) / scale_i, sum_i p_i v_i =
+    (p / scale) @ B + ((p / scale) @ z) @ Rv: products of the image tokens with
+    heads x tokens columns instead of 128.
+    """
     heads = attn.num_heads
     q = _split_heads(attn.q_proj(q_in)[0], heads)  # heads x T x d
-    k, v = _split_heads(keys, heads), _split_heads(values, heads)  # heads x N x d
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    out = torch.softmax(scores, dim=-1) @ v  # heads x T x d
+    rk = _split_heads(image.coefficients(attn.k_proj.weight, attn.k_proj.bias), heads)  # heads x rank x d
+    rv = _split_heads(image.coefficients(attn.v_proj.weight, attn.v_proj.bias), heads)
+    logits = q @ keys.transpose(-2, -1) + (q @ rk.transpose(-2, -1)) @ image.z.T  # heads x T x N
+    if image.scale is not None:
+        logits = logits / image.scale.T
+    if keys_offset is not None:
+        logits = logits + q @ keys_offset.transpose(-2, -1)
+    p = _softmax(logits / math.sqrt(q.shape[-1]))
+    if image.scale is not None:
+        p = p / image.scale.T
+    out = p @ values + (p @ image.z) @ rv  # heads x T x d
     return attn.out_proj(out.transpose(0, 1).reshape(1, q.shape[1], -1))
 
 
@@ -226,7 +253,7 @@ def _image_to_token(attn: nn.Module, queries: Tensor, k_in: Tensor, v_in: Tensor
     q = _split_heads(queries, heads)  # heads x N x d
     k = _split_heads(attn.k_proj(k_in)[0], heads)  # heads x T x d
     v = _split_heads(attn.v_proj(v_in)[0], heads)
-    p = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)  # heads x N x T
+    p = _softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]))  # heads x N x T
     wo = attn.out_proj.weight  # C x D
     wo_heads = wo.T.reshape(heads, -1, wo.shape[0])  # heads x d x C
     u = v @ wo_heads  # heads x T x C
@@ -258,11 +285,17 @@ class _Projections(nn.Module):
         weights += [final.k_proj.weight * gain, final.v_proj.weight * gain, upscaling_weight * gain]
         pe_terms["final_keys"] = pe @ final.k_proj.weight.T
         self.names = prepared_names(len(transformer.layers))
+        # Token->image keys and values are read per head: kept heads x N x d.
+        self.heads = {f"layer{index}_{kind}": layer.cross_attn_token_to_image.num_heads
+                      for index, layer in enumerate(transformer.layers) for kind in ("keys", "values")}
+        self.heads |= {"final_keys": final.num_heads, "final_values": final.num_heads}
         self.widths = [w.shape[0] for w in weights]
         self.register_buffer("stacked", torch.cat(weights, dim=0).detach())
         # Layer 0's tokens are not normalized (scale 1), so its positional term joins the per-image tensor.
         self.first_layer_pe = {name: pe_terms.pop(name).detach() for name in ("layer0_keys", "layer0_queries")}
         for name, value in pe_terms.items():
+            if name in self.heads:
+                value = _split_heads(value, self.heads[name])
             self.register_buffer(f"pe_{name}", value.detach())
 
     def per_image(self, image_embeddings: Tensor) -> dict[str, Tensor]:
@@ -272,6 +305,8 @@ class _Projections(nn.Module):
         parts["image_tokens"] = e
         for name, pe_term in self.first_layer_pe.items():
             parts[name] = parts[name] + pe_term
+        for name, heads in self.heads.items():
+            parts[name] = _split_heads(parts[name], heads)
         return parts
 
     def pe_term(self, name: str) -> Tensor | None:
@@ -357,10 +392,8 @@ class PreparedDecoderOnnx(DecoderOnnx):
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
 
-            t2i = layer.cross_attn_token_to_image
-            keys = self.project(image, t2i.k_proj, state, f"layer{index}_keys")
-            values = self.project(image, t2i.v_proj, state, f"layer{index}_values")
-            queries = layer.norm2(queries + _token_to_image(t2i, queries + pe, keys, values))
+            attended = self.token_to_image(layer.cross_attn_token_to_image, queries + pe, image, state, f"layer{index}")
+            queries = layer.norm2(queries + attended)
 
             queries = layer.norm3(queries + layer.mlp(queries))
 
@@ -369,11 +402,15 @@ class PreparedDecoderOnnx(DecoderOnnx):
             p, u = _image_to_token(i2t, image_queries, queries + pe, queries)
             image = image.add(p, u, i2t.out_proj.bias).layer_norm(layer.norm4)
 
-        final = transformer.final_attn_token_to_image
-        keys = self.project(image, final.k_proj, state, "final_keys")
-        values = self.project(image, final.v_proj, state, "final_values")
-        queries = transformer.norm_final_attn(queries + _token_to_image(final, queries + pe, keys, values))
+        attended = self.token_to_image(transformer.final_attn_token_to_image, queries + pe, image, state, "final")
+        queries = transformer.norm_final_attn(queries + attended)
         return queries, image
+
+    def token_to_image(
+        self, attn: nn.Module, q_in: Tensor, image: FactoredImage, state: dict[str, Tensor], prefix: str
+    ) -> Tensor:
+        keys, values = state[f"{prefix}_keys"], state[f"{prefix}_values"]
+        return _token_to_image(attn, q_in, image, keys, values, self.projections.pe_term(f"{prefix}_keys"))
 
     def project(self, image: FactoredImage, linear: nn.Linear, state: dict[str, Tensor], name: str) -> Tensor:
         return image.project(linear.weight, linear.bias, state[name], self.projections.pe_term(name))
@@ -409,7 +446,7 @@ def export_prepared_decoder(
     prepare = PrepareOnnx(sam)
     with torch.no_grad():
         prepared = prepare(base[0])
-    shapes = {name: (1, value.shape[1], value.shape[2]) for name, value in zip(PREPARED_NAMES, prepared)}
+    shapes = {name: tuple(value.shape) for name, value in zip(PREPARED_NAMES, prepared)}
     for path in (prepare_path, decoder_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=prepare_path.parent, prefix=".export-") as tmp:

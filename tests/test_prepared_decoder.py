@@ -74,7 +74,13 @@ def test_prepared_graphs_declare_their_tensors_and_use_standard_ops_only(graphs)
     assert [o.name for o in prepared.get_outputs()] == list(OUTPUT_NAMES)
     shapes = {o.name: o.shape for o in prepare.get_outputs()}
     assert shapes["upscaling"] == [1, 4096, 256] and shapes["image_tokens"] == [1, 4096, 256]
-    assert all(shapes[name] == [1, 4096, 128] for name in PREPARED_NAMES if name not in ("upscaling", "image_tokens"))
+    for name in PREPARED_NAMES:
+        if name.endswith("_queries"):  # image->token queries: 128 channels per image token
+            assert shapes[name] == [1, 4096, 128]
+        elif name.endswith(("_keys", "_values")):  # token->image keys / values: per head
+            assert shapes[name] == [1, 8, 4096, 16]
+    # Everything the click graph needs from the image, and no more: 25 MB of fp32 per image.
+    assert sum(np.prod(shape) for shape in shapes.values()) * 4 == 8 * 4096 * 128 * 4 + 2 * 4096 * 256 * 4
     for path in (graphs.prepare_path, graphs.prepared_path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
