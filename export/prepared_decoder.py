@@ -1,71 +1,75 @@
-"""Faster clicks: the mask decoder factored into a once-per-image graph and a cheap per-click graph.
+"""Faster clicks: the mask decoder split exactly into a once-per-image graph and a cheap per-click graph.
 
 ``decoder.onnx`` spends almost all of a click on dense maps of the 4096 image
 tokens (4096 x 256): nine 256 -> 128 projections, two 128 -> 256 output
-projections, and the first transposed convolution (a 256 -> 256 map per token),
-about 1.6 of its 1.7 G multiply-adds. This module rewrites those maps, with
-exact algebra, as (image-only part, computed once per image) + (low-rank
-prompt part, computed per click).
+projections and the first transposed convolution (a 256 -> 256 map per token),
+about 1.6 of its 1.7 G multiply-adds. Here each such map is rewritten, with
+exact algebra, as (a part that depends on the image only, computed once per
+image) + (a low-rank part that depends on the prompt, computed per click).
 
 Why it is exact. Let e_i be image token i (the embedding, 256-d) and s_i =
 e_i + dense prompt embedding. Everything the transformer adds to an image token
-is low rank:
+is low rank or a per-token affine map:
 
 - the dense prompt: s_i = e_i + h_i Wm^T + c, with h_i the 16 channels of the
   mask downscaler before its last 1x1 convolution (times ``has_mask_input``)
-  and c a constant vector (the no-mask embedding or the conv bias, blended);
-- image->token attention: out_i = sum_{head, token} p_i,(h,t) (Wo_h v_t,h) + bo,
-  i.e. P_i @ U with P (4096 x heads*tokens) the attention weights and U the
-  per-head values already mapped by the output projection (``heads*tokens``
-  rows: 56 for one click);
-- LayerNorm is a per-token affine map: LN(y)_i = g * (y_i - mu_i) / sigma_i + b.
+  and c the blend of the no-mask embedding and that convolution's bias;
+- image->token attention: out_i = sum_{head, token} p_i,(h,t) (Wo_h v_t,h) + bo
+  = P_i @ U + bo, with P (4096 x heads*tokens) the attention weights and U the
+  tokens' values mapped by their head's slice of the output projection
+  (heads*tokens = 56 rows for one click);
+- LayerNorm: LN(y)_i = g * (y_i - mu_i) / sigma_i + b.
 
-So at every stage the image tokens have the form (``FactoredImage``)
+So at every stage the image tokens are (``FactoredImage``)
 
-    X_i = (gain * e_i + z_i @ r) / scale_i + bias,
+    X_i = (gain * e_i + z_i @ r) / scale_i,
 
-with gain a constant vector (the product of the LayerNorm gains so far),
-z (4096 x rank) and scale (4096 x 1) per-click coefficients, and r (rank x 256),
-bias per-click but small. Any linear map W then splits into
+gain a constant vector (the product of the LayerNorm gains so far), z
+(4096 x rank, column 0 = scale, so r's row 0 is the constant term) and scale
+(4096 x 1) per click, r (rank x 256) per click and small. A linear map W is then
 
-    W X_i = (W diag(gain)) e_i / scale_i + z_i @ (r W^T) / scale_i + W bias,
+    W X_i = ((W diag(gain)) e_i + z_i @ (r W^T)) / scale_i,
 
-where (W diag(gain)) e is the same for every click of the image: that is what
-``decoder_prepare.onnx`` computes. The LayerNorm statistics mu_i, sigma_i need
-the tokens themselves, so the per-click graph also keeps X explicitly, updated
-by the same low-rank terms (s, then y = X + P @ U + bo, then LN(y)); that costs
-one 4096 x rank x 256 product per layer instead of the projections.
+and (W diag(gain)) e is what ``decoder_prepare.onnx`` computes once per image.
+Adding P @ U appends columns scale * P to z; a LayerNorm appends scale and
+scale * mu and multiplies scale by sigma. The statistics mu_i, sigma_i need the
+tokens themselves, so the click graph also materializes y = X + P @ U + bo at
+each layer (one 4096 x rank x 256 product). The token->image attentions never
+project the image: their logits are q . k_i = (q . A_i + z_i (Rk q)) / scale_i
+(+ q . pe term) and their outputs (p / scale) @ B + ((p / scale) @ z) @ Rv,
+products with heads*tokens columns instead of 128. The transposed convolution
+(kernel 2, stride 2, no overlap) is a per-token 256 -> 2x2x64 map, so it is
+factored the same way; its LayerNorm2d, GELU, the second transposed
+convolution and the hypernetwork product run per click in token-major layout
+(4096 x 2x2 x 2x2 x 32), the only pixel shuffle being that of the final logits.
+The one departure from plain algebra: attention weights are kept >= 1e-30 and
+mask features under 1e-30 are set to 0, because subnormal floats make matrix
+products several times slower on x86 (native or WebAssembly; seen with the
+trained tiny model); a change of 1e-30 cannot show in a float32 result here.
 
-Per image (``decoder_prepare.onnx``: ``image_embeddings`` -> the tensors named
-in ``PREPARED_NAMES``, each f32 [1, 4096, D]): for each two-way layer l the
-token->image keys and values and the image->token queries, 128 channels each,
-``layer{l}_keys`` / ``_values`` / ``_queries`` (layer 0 also carries the
-positional encoding and is already the model's projection, as its tokens are
-not normalized yet); ``final_keys`` / ``final_values`` of the final attention;
-``upscaling``, the first transposed convolution's 256 outputs per token
-(kernel 2 stride 2 does not overlap, so it is a per-token 256 -> 2x2x64 map).
-Total 8 x 4096 x 128 + 4096 x 256 floats = 20 MB per image (fp32), for about
-1.3 G multiply-adds: one old click's work.
+Per image, ``decoder_prepare.onnx``: ``image_embeddings`` -> ``PREPARED_NAMES``:
+``image_tokens`` (e, 4096 x 256); per two-way layer l ``layer{l}_keys`` /
+``_values`` (token->image, per head: 8 x 4096 x 16) and ``layer{l}_queries``
+(image->token, 4096 x 128); ``final_keys`` / ``final_values`` (8 x 4096 x 16);
+``upscaling`` (4096 x 256). Layer 0's keys and queries include the positional
+encoding (its tokens are not normalized: scale 1); later layers add the
+positional term from constants of the click graph. 25.2 MB of fp32 per image,
+one 4096 x 256 x 1280 product: about one old click's work.
 
-Per click (``decoder_prepared.onnx``): the inputs of ``decoder.onnx`` (mask
-input included: refinement clicks take this path too) plus those tensors;
-outputs exactly those of ``decoder.onnx`` (same names, shapes, meaning; the
-display outputs come from ``DecoderOnnx.with_display``). Left per click: the
-token side (tiny), the low-rank products (4096 x rank x 128 or 256, rank =
-16 + 1 + heads*tokens after layer 0, twice that before the upscaling),
-elementwise work on 4096 x 256 and 16384 x 64, the second transposed
-convolution (a 64 -> 2x2x32 map per pixel, 134 M multiply-adds, which a GELU
-separates from anything per image) and the hypernetwork product. For one point
-(7 tokens) that is about 0.7 G multiply-adds instead of 1.7 G. The low-rank
-form loses its edge once heads*tokens passes 128 (more than 11 points), where
-it still is exact, just not cheaper.
+Per click, ``decoder_prepared.onnx``: ``decoder.onnx``'s inputs without
+``image_embeddings`` (mask input included, so refinement clicks take this path
+too) plus those tensors -> exactly ``decoder.onnx``'s outputs (same names,
+shapes, meaning; the display outputs are ``DecoderOnnx.with_display``'s).
+Left per click for one point (7 tokens): about 0.63 G multiply-adds instead of
+1.74 G, the largest pieces the upscaling's low-rank term (4096 x 133 x 256),
+the second transposed convolution (134 M, which a GELU separates from anything
+per image) and the two materialized layers, plus elementwise work on
+4096 x 256 and 16384 x 64. The low-rank form loses its edge once
+heads*tokens passes 128 (more than 11 points): still exact, no longer cheaper.
 
-The weights are read from the model's own modules at export time (prompt
-encoder, transformer layers, heads); the token side calls those modules
-unchanged. The upscaling runs in token-major layout (4096 x 2x2 x 2x2 x 32)
-so the only transpose is of the final 4 x 256 x 256 logits.
-
-Speed (``bench/decoder.py``): see that script's report and the README.
+The weights are read from the model's own modules at export time; the token
+side calls those modules (self-attention, MLPs, norms, heads) unchanged.
+Measured with ``bench/decoder.py``: see the README.
 """
 from __future__ import annotations
 
