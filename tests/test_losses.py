@@ -103,3 +103,25 @@ def test_focal_ramp_rises_from_zero_to_sams_weight():
     assert abs(focal_weight_at(0.3, cfg) - 10.0) < 1e-9
     assert focal_weight_at(0.5, cfg) == 20.0 and focal_weight_at(0.9, cfg) == 20.0
     assert focal_weight_at(0.0, TrainConfig()) == 20.0  # fine-tuning: SAM's objective throughout
+
+
+def test_level_curriculum_goes_from_wholes_to_parts_to_the_full_hierarchy():
+    import numpy as np
+
+    from trimask.training.trainer import TrainConfig, levels_at, restrict_levels
+
+    cfg = TrainConfig(level_curriculum=(0.1, 0.25))
+    assert [levels_at(f, cfg) for f in (0.0, 0.09, 0.1, 0.2, 0.25, 0.9)] == [1, 1, 2, 2, 3, 3]
+    assert levels_at(0.0, TrainConfig()) == 3  # no curriculum: the full hierarchy from the start
+
+    sub, part, whole = (np.zeros((8, 8), bool) for _ in range(3))
+    whole[:, :] = True
+    part[:4] = True
+    sub[:2, :2] = True
+    single = [np.ones((8, 8), bool)]  # e.g. one COCO mask: never changed
+    groups = [[sub, part, whole], single]
+    one, two, three = (restrict_levels(groups, n) for n in (1, 2, 3))
+    assert len(one[0]) == 1 and one[0][0] is whole
+    assert [m is x for m, x in zip(two[0], (part, part, whole))] == [True] * 3
+    assert three[0] == [sub, part, whole]
+    assert one[1] is single and two[1] is single

@@ -24,9 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=650, help="optimizer steps")
     p.add_argument("--coarse-fraction", type=float, default=0.8,
                    help="fraction of steps at the coarse 32x32 decoder grid (progressive resolution)")
-    p.add_argument("--focal-ramp", type=float, nargs=2, default=(0.1, 0.5), metavar=("FROM", "TO"),
+    p.add_argument("--focal-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("FROM", "TO"),
                    help="raise the focal weight from 0 to SAM's 20 between these fractions of the run "
-                   "(default 0.1 0.5; 0 0 trains with SAM's objective throughout)")
+                   "(default 0 0: SAM's objective throughout)")
+    p.add_argument("--level-curriculum", type=float, nargs=2, default=(0.1, 0.25), metavar=("WHOLE", "PART"),
+                   help="train on wholes only until the first fraction of the run, on parts and wholes until "
+                   "the second, then on the full subpart/part/whole hierarchy (default 0.1 0.25; 0 0: full "
+                   "hierarchy throughout)")
+    p.add_argument("--images-per-step", type=int, default=1, help="scenes per optimizer step (default 1)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay; default 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -94,8 +99,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         if hasattr(m, "reset_parameters") and m is not sam:
             m.reset_parameters()
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
+                      images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
-                      focal_ramp=tuple(args.focal_ramp))
+                      focal_ramp=tuple(args.focal_ramp), level_curriculum=tuple(args.level_curriculum))
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):

@@ -57,6 +57,13 @@ class TrainConfig:
     # probabilities under 0.5 everywhere, so without it the masks stay empty for thousands of steps.
     # (0, 0): SAM's objective throughout (fine-tuning a trained model).
     focal_ramp: tuple[float, float] = (0.0, 0.0)
+    # Curriculum over target levels for training from scratch: before the first fraction of the run
+    # every click's only target is its whole (SAM's min-over-3 rule for a single mask), before the
+    # second the subpart level is replaced by the part, then the full subpart/part/whole hierarchy.
+    # Large targets first: under 20x focal an untrained model answering a mix dominated by small
+    # subparts settles on empty masks and never escapes; wholes pull it out within ~100 steps.
+    # (0, 0): the full hierarchy throughout.
+    level_curriculum: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -71,6 +78,30 @@ class Sample:
     image: np.ndarray
     groups: list[list[np.ndarray]]
     key: str | None = None  # identifies the image: embeddings are cached by it when the encoder is frozen
+
+
+def levels_at(frac: float, cfg: TrainConfig) -> int:
+    """How many hierarchy levels the curriculum trains at ``frac`` of the run: 1, 2 or 3."""
+    whole_until, part_until = cfg.level_curriculum
+    return 1 if frac < whole_until else 2 if frac < part_until else 3
+
+
+def restrict_levels(groups: list[list[np.ndarray]], levels: int) -> list[list[np.ndarray]]:
+    """Click groups cut to the curriculum's levels: 1 -> [whole]; 2 -> [part, part, whole]; 3 -> as given.
+
+    Groups with fewer than three masks (e.g. single COCO masks) are left as they are.
+    """
+    if levels >= 3:
+        return groups
+    out = []
+    for g in groups:
+        if len(g) < 3:
+            out.append(g)
+        elif levels == 1:
+            out.append([g[-1]])
+        else:
+            out.append([g[-2], g[-2], g[-1]])
+    return out
 
 
 def scene_to_sample(scene: Scene, rng: np.random.Generator, *, n_groups: int = 3, subpart_prob: float = 0.5) -> Sample:
@@ -330,8 +361,10 @@ def train(
                     emb = sam.image_encoder(x)
         loss = torch.zeros(())
         step_stats: dict[str, float] = {}
+        n_levels = levels_at(frac, cfg)
         with losses.focal_weight(focal_weight_at(frac, cfg)):
             for i, s in enumerate(batch):
+                s = Sample(s.image, restrict_levels(s.groups, n_levels), s.key)
                 part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng)
                 loss = loss + part / len(batch)
                 step_stats.update(st)
@@ -348,7 +381,7 @@ def train(
         if progress:
             progress(1)
         if step % 10 == 0 or done == cfg.steps:
-            log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} "
+            log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} levels={n_levels} "
                 + " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items())))
         if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             save_checkpoint(sam, out, meta())
