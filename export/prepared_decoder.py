@@ -42,10 +42,11 @@ products with heads*tokens columns instead of 128. The transposed convolution
 factored the same way; its LayerNorm2d, GELU, the second transposed
 convolution and the hypernetwork product run per click in token-major layout
 (4096 x 2x2 x 2x2 x 32), the only pixel shuffle being that of the final logits.
-The one departure from plain algebra: attention weights are kept >= 1e-30 and
-mask features under 1e-30 are set to 0, because subnormal floats make matrix
-products several times slower on x86 (native or WebAssembly; seen with the
-trained tiny model); a change of 1e-30 cannot show in a float32 result here.
+The one departure from plain algebra: attention weights are kept >= 1e-15 and
+mask features under 1e-15 are set to 0, because tiny factors (subnormal, or
+whose products underflow) make the low-rank products several times slower on
+x86, in WebAssembly most (seen with the trained tiny model); a weight of 1e-15
+cannot show in a float32 result here (see ``_NEGLIGIBLE``).
 
 Per image, ``decoder_prepare.onnx``: ``image_embeddings`` -> ``PREPARED_NAMES``:
 ``image_tokens`` (e, 4096 x 256); per two-way layer l ``layer{l}_keys`` /
@@ -193,20 +194,22 @@ class FactoredImage:
         )
 
 
-# Subnormal floats (tiny attention weights, GELU tails) make a matrix product several times
-# slower on x86, native or WebAssembly. Attention weights under this are raised to it and mask
-# features under it set to 0: a change of 1e-30 cannot show in a float32 sum of the decoder's
-# magnitudes (the products' own rounding is 1e-7 relative).
-_NEGLIGIBLE = 1e-30
+# Tiny attention weights (exp of very negative logits) and GELU tails make the low-rank products
+# several times slower on x86, native or WebAssembly (20x for one product in onnxruntime-web):
+# subnormal inputs, and products of two tiny factors that underflow (WASM SIMD multiplies and
+# adds separately). So attention weights are raised to 1e-15 and mask features under 1e-15 set
+# to 0. Exact to float32: the weights of one softmax (4096 at most) then sum to 1 + 4e-12 at most,
+# far under float32's rounding (6e-8), and a feature of 1e-15 is as far under the others'.
+_NEGLIGIBLE = 1e-15
 
 
 def _flush_tiny(x: Tensor) -> Tensor:
-    """x with entries of magnitude under 1e-30 set to 0 (see _NEGLIGIBLE)."""
+    """x with entries of magnitude under _NEGLIGIBLE set to 0."""
     return torch.where(x.abs() < _NEGLIGIBLE, torch.zeros_like(x), x)
 
 
 def _softmax(logits: Tensor) -> Tensor:
-    """Softmax over the last axis, no weight under 1e-30 (see _NEGLIGIBLE)."""
+    """Softmax over the last axis, no weight under _NEGLIGIBLE."""
     return torch.softmax(logits, dim=-1).clamp(min=_NEGLIGIBLE)
 
 
