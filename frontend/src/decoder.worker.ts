@@ -1,7 +1,8 @@
 /// <reference lib="webworker" />
 /**
- * Runs decoder.onnx in onnxruntime-web off the main thread. Holds the current
- * image's embedding as an ORT tensor so each decode only sends the prompt.
+ * Runs the decoder in onnxruntime-web off the main thread: the fast path (decoder_prepare.onnx once
+ * per image, decoder_prepared.onnx per prompt) when the server offers it, else decoder.onnx. Holds the
+ * current image's embedding (and prepared tensors) so each decode only sends the prompt.
  */
 import * as ortWasm from "onnxruntime-web/wasm";
 import { float16ToFloat32 } from "./float16";
@@ -52,8 +53,9 @@ async function init(req: InitRequest): Promise<void> {
     graphOptimizationLevel: "all",
   };
   style = req.style;
-  session = await ort.InferenceSession.create(await download(req.modelUrl), options);
+  // With the fast path every prompt runs the prepared graph; decoder.onnx is loaded only without it.
   if (req.fastPath && style === "trimask") await loadFastPath(req.fastPath, options);
+  if (!preparedSession) session = await ort.InferenceSession.create(await download(req.modelUrl), options);
   post({ type: "ready", backend, numThreads: req.numThreads, fastPath: preparedSession !== null });
 }
 
@@ -109,7 +111,7 @@ function officialOutputs(masks: ortWasm.Tensor): { display: Uint8Array; areas: F
 }
 
 async function decode(req: DecodeRequest): Promise<void> {
-  if (!session) throw new Error("the decoder is not loaded");
+  if (!session && !preparedSession) throw new Error("the decoder is not loaded");
   if (!embedding || embeddingImageId !== req.imageId) throw new Error("no embedding for this image");
   const t0 = performance.now();
   const n = req.labels.length;
@@ -121,7 +123,7 @@ async function decode(req: DecodeRequest): Promise<void> {
     has_mask_input: new ort.Tensor("float32", new Float32Array([req.maskInput ? 1 : 0]), [1]),
     orig_im_size: new ort.Tensor("float32", new Float32Array(req.origHw), [2]),
   };
-  if (style === "official") {
+  if (style === "official" && session) {
     const out = await session.run(feeds, ["masks", "iou_predictions", "low_res_masks"]);
     const { display, areas, h, w } = officialOutputs(out.masks);
     const iou = out.iou_predictions.data as Float32Array;
@@ -137,8 +139,10 @@ async function decode(req: DecodeRequest): Promise<void> {
     const fastFeeds: Record<string, ortWasm.Tensor> = { ...prepared };
     for (const name of PREPARED_PROMPT_INPUTS) fastFeeds[name] = feeds[name];
     out = await preparedSession.run(fastFeeds, names);
-  } else {
+  } else if (session) {
     out = await session.run(feeds, names);
+  } else {
+    throw new Error("no prepared tensors for this image");
   }
   const dims = out.display_masks.dims as number[];
   const display = owned(out.display_masks.data as Uint8Array);
