@@ -15,9 +15,10 @@ is low rank or a per-token affine map:
   mask downscaler before its last 1x1 convolution (times ``has_mask_input``)
   and c the blend of the no-mask embedding and that convolution's bias;
 - image->token attention: out_i = sum_{head, token} p_i,(h,t) (Wo_h v_t,h) + bo
-  = P_i @ U + bo, with P (4096 x heads*tokens) the attention weights and U the
-  tokens' values mapped by their head's slice of the output projection
-  (heads*tokens = 56 rows for one click);
+  = P_i @ U + const, with P (4096 x heads*(tokens-1)) the attention weights and
+  U the tokens' values mapped by their head's slice of the output projection
+  (a head's weights sum to 1, so its last token goes into const: 48 rows for
+  one click);
 - LayerNorm: LN(y)_i = g * (y_i - mu_i) / sigma_i + b.
 
 So at every stage the image tokens are (``FactoredImage``)
@@ -61,12 +62,12 @@ Per click, ``decoder_prepared.onnx``: ``decoder.onnx``'s inputs without
 ``image_embeddings`` (mask input included, so refinement clicks take this path
 too) plus those tensors -> exactly ``decoder.onnx``'s outputs (same names,
 shapes, meaning; the display outputs are ``DecoderOnnx.with_display``'s).
-Left per click for one point (7 tokens): about 0.63 G multiply-adds instead of
-1.74 G, the largest pieces the upscaling's low-rank term (4096 x 133 x 256),
+Left per click for one point (7 tokens): about 0.6 G multiply-adds instead of
+1.74 G, the largest pieces the upscaling's low-rank term (4096 x 117 x 256),
 the second transposed convolution (134 M, which a GELU separates from anything
 per image) and the two materialized layers, plus elementwise work on
 4096 x 256 and 16384 x 64. The low-rank form loses its edge once
-heads*tokens passes 128 (more than 11 points): still exact, no longer cheaper.
+heads*(tokens-1) passes 128 (more than 12 points): still exact, no longer cheaper.
 
 The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
@@ -248,13 +249,14 @@ def _token_to_image(
     return attn.out_proj(out.transpose(0, 1).reshape(1, q.shape[1], -1))
 
 
-def _image_to_token(attn: nn.Module, queries: Tensor, k_in: Tensor, v_in: Tensor) -> tuple[Tensor, Tensor]:
+def _image_to_token(attn: nn.Module, queries: Tensor, k_in: Tensor, v_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The image attends to the tokens, as a low-rank update of the image tokens.
 
     queries: N x D (projected image queries); k_in, v_in: 1 x T x C.
-    Returns p (N x heads*T, the attention weights) and u (heads*T x C, each
-    token's value mapped by its head's slice of the output projection), so
-    attn(...) = p @ u + out_proj.bias.
+    Returns p (N x heads*(T-1)), u (heads*(T-1) x C) and const (C) with
+    attn(...) = p @ u + const. Each token's value mapped by its head's slice of
+    the output projection is w_t; a head's weights sum to 1, so its output
+    sum_t p_t w_t = w_last + sum_{t<last} p_t (w_t - w_last): one column fewer per head.
     """
     heads = attn.num_heads
     q = _split_heads(queries, heads)  # heads x N x d
@@ -263,8 +265,11 @@ def _image_to_token(attn: nn.Module, queries: Tensor, k_in: Tensor, v_in: Tensor
     p = _softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]))  # heads x N x T
     wo = attn.out_proj.weight  # C x D
     wo_heads = wo.T.reshape(heads, -1, wo.shape[0])  # heads x d x C
-    u = v @ wo_heads  # heads x T x C
-    return p.transpose(0, 1).reshape(p.shape[1], -1), u.reshape(-1, wo.shape[0])
+    w = v @ wo_heads  # heads x T x C
+    last = w[:, -1:]  # heads x 1 x C
+    u = (w[:, :-1] - last).reshape(-1, wo.shape[0])
+    p = p[:, :, :-1].transpose(0, 1).reshape(p.shape[1], -1)
+    return p, u, last.sum(dim=(0, 1)) + attn.out_proj.bias
 
 
 class _Projections(nn.Module):
@@ -406,8 +411,8 @@ class PreparedDecoderOnnx(DecoderOnnx):
 
             i2t = layer.cross_attn_image_to_token
             image_queries = self.project(image, i2t.q_proj, state, f"layer{index}_queries")
-            p, u = _image_to_token(i2t, image_queries, queries + pe, queries)
-            image = image.add(p, u, i2t.out_proj.bias).layer_norm(layer.norm4)
+            p, u, const = _image_to_token(i2t, image_queries, queries + pe, queries)
+            image = image.add(p, u, const).layer_norm(layer.norm4)
 
         attended = self.token_to_image(transformer.final_attn_token_to_image, queries + pe, image, state, "final")
         queries = transformer.norm_final_attn(queries + attended)
