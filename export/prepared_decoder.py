@@ -71,7 +71,14 @@ heads*(tokens-1) passes 128 (more than 12 points): still exact, no longer cheape
 
 The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
-Measured with ``bench/decoder.py``: see the README.
+
+Measured (vit_b weights, 200 clicks at 1024 x 1536, CPU time on one thread,
+``bench/decoder.py``): 36 ms per click against 56 ms for ``decoder.onnx`` and
+76 ms for the official export style (0.48x); ``decoder_prepare.onnx`` 40 ms
+once per image. In onnxruntime-web (``bench/browser.py``, Chromium, WASM, one
+thread, tiny model) a click decodes in 107 ms against 184 ms. The quantized
+click graph is no faster (its remaining weight products are small) but 7.8 MB
+instead of 22.9 MB (which includes 6 MB of positional-term constants).
 """
 from __future__ import annotations
 
