@@ -1,8 +1,9 @@
 """The exported decoder of a model, made once and kept on disk.
 
 Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``
-(plus ``decoder_prepare.onnx``, ``decoder_prepared[.quant].onnx`` of the optional
-fast path when asked for).
+(plus ``decoder_prepare_v2.onnx``, ``decoder_prepared_v2[.quant].onnx`` of the optional
+fast path when asked for; the ``_v2`` names the factored fast-path format, so a cache
+holding the first format's files is not served to a browser that expects the new one).
 The identity (``model_identity``) names the weights, so a different checkpoint
 gets its own files and a stale decoder is never served. Files appear by
 ``os.replace`` of a finished temporary file, and an exclusive ``flock`` on a
@@ -24,7 +25,13 @@ from trimask.export.prepared_decoder import export_prepared_decoder
 
 # part -> file stem; "prepare" / "prepared" are the optional two-graph fast path
 # (see trimask.export.prepared_decoder), exported together.
-PARTS = {"decoder": "decoder", "prepare": "decoder_prepare", "prepared": "decoder_prepared"}
+# The fast path's stems carry its format version: bump it whenever its inputs/outputs change.
+FAST_PATH_FORMAT = "v2"
+PARTS = {
+    "decoder": "decoder",
+    "prepare": f"decoder_prepare_{FAST_PATH_FORMAT}",
+    "prepared": f"decoder_prepared_{FAST_PATH_FORMAT}",
+}
 
 
 @contextlib.contextmanager

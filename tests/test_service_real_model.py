@@ -91,7 +91,8 @@ def test_fast_path_graphs_are_served_and_listed_in_status(real_app):
     prepare_outputs = names["prepare"][1]
     # What the once-per-image graph makes is what the per-click graph takes.
     assert prepare_outputs and prepare_outputs <= names["prepared"][0]
-    assert "mask_input" not in names["prepared"][0]
+    # Refinement clicks take the fast path too: the per-click graph reads the previous mask.
+    assert {"mask_input", "has_mask_input"} <= names["prepared"][0]
     bad = client.get("/api/decoder.onnx?part=../../etc/passwd")
     assert bad.status_code == 400 and "part must be one of" in bad.get_json()["error"]
 
