@@ -14,8 +14,9 @@ Measured from the page's own debug hook (window.__trimaskTimings):
 Clicks and hovers are taken in turn across the decoders' pages (one page each), so
 load from other work on the machine hits every decoder alike and the ratios stay fair.
 
-For trimask's decoder (fp32, quantized, and fp32 with the onnx helper's prepared fast path:
-image-side projections once per image) and for SAM's official export style (one
+For trimask's decoder (fp32, quantized, and fp32 with the factored fast path of
+export/prepared_decoder.py: every projection of the image embedding once per image, low-rank
+corrections per click) and for SAM's official export style (one
 graph returning four float masks at full image resolution, exported with the onnx
 helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
 on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
@@ -99,7 +100,7 @@ def export_official(checkpoint: str | None, out: Path) -> bytes:
 
 
 def export_fast_path(checkpoint: str | None, folder: Path) -> tuple[bytes, bytes]:
-    """The onnx helper's optional two-graph fast path for the same weights (prepare, prepared)."""
+    """The optional two-graph fast path for the same weights (prepare, prepared)."""
     import torch
 
     from trimask.export.prepared_decoder import export_prepared_decoder
