@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--focal-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("FROM", "TO"),
                    help="raise the focal weight from 0 to SAM's 20 between these fractions of the run "
                    "(default 0 0: SAM's objective throughout)")
+    p.add_argument("--focal-weight", type=float, default=20.0,
+                   help="weight of the focal term against dice (default 20, SAM's)")
     p.add_argument("--level-curriculum", type=float, nargs=2, default=(0.1, 0.25), metavar=("WHOLE", "PART"),
                    help="train on wholes only until the first fraction of the run, on parts and wholes until "
                    "the second, then on the full subpart/part/whole hierarchy (default 0.1 0.25; 0 0: full "
@@ -101,7 +103,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
-                      focal_ramp=tuple(args.focal_ramp), level_curriculum=tuple(args.level_curriculum))
+                      focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum))
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):

@@ -57,6 +57,9 @@ class TrainConfig:
     # probabilities under 0.5 everywhere, so without it the masks stay empty for thousands of steps.
     # (0, 0): SAM's objective throughout (fine-tuning a trained model).
     focal_ramp: tuple[float, float] = (0.0, 0.0)
+    # The focal term's weight against dice (SAM: 20). Lower only to train a model from scratch on a
+    # small budget; the model card says so when a shipped model used another value.
+    focal_weight: float = losses.FOCAL_WEIGHT
     # Curriculum over target levels for training from scratch: before the first fraction of the run
     # every click's only target is its whole (SAM's min-over-3 rule for a single mask), before the
     # second the subpart level is replaced by the part, then the full subpart/part/whole hierarchy.
@@ -274,8 +277,8 @@ def focal_weight_at(frac: float, cfg: TrainConfig) -> float:
     """The focal term's weight at ``frac`` of the run under ``cfg.focal_ramp``."""
     lo, hi = cfg.focal_ramp
     if hi <= lo:
-        return losses.FOCAL_WEIGHT
-    return losses.FOCAL_WEIGHT * min(1.0, max(0.0, (frac - lo) / (hi - lo)))
+        return cfg.focal_weight
+    return cfg.focal_weight * min(1.0, max(0.0, (frac - lo) / (hi - lo)))
 
 
 def save_checkpoint(sam: Sam, path: Path, extra: dict, *, half: bool = True) -> None:
