@@ -89,7 +89,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from trimask.export.onnx_decoder import (
     DISPLAY_AXES,
@@ -190,14 +189,13 @@ class FactoredImage:
         """
         g, b = norm.weight, norm.bias
         y = self.dense()
-        mu = y.mean(dim=-1, keepdim=True)
-        sigma = torch.sqrt((y - mu).square().mean(dim=-1, keepdim=True) + norm.eps)
+        centred, mu, sigma = _centre_and_spread(y, norm.eps)
         scale = sigma if self.scale is None else self.scale * sigma
         return FactoredImage(
             z=torch.cat([scale, self.z, self.z[:, :1] * mu], dim=1),
             r=torch.cat([b[None], self.r * g, -g[None]], dim=0),
             scale=scale,
-            base=norm(y),  # the same LN(y), one fused op where the next layer needs it
+            base=centred / sigma * g + b,  # LN(y) from the statistics at hand, for the next layer
             pending=(),
         )
 
@@ -209,6 +207,25 @@ class FactoredImage:
 # to 0. Exact to float32: the weights of one softmax (4096 at most) then sum to 1 + 4e-12 at most,
 # far under float32's rounding (6e-8), and a feature of 1e-15 is as far under the others'.
 _NEGLIGIBLE = 1e-15
+
+
+def _centre_and_spread(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm's statistics over the last axis: (x - mu, mu, sigma = sqrt(var + eps)), mu and sigma ... x 1.
+
+    Written out rather than as ONNX LayerNormalization, which onnxruntime-web runs at about half
+    the speed of these plain ops (its kernel accumulates in double); the square is a product, not
+    Pow, so onnxruntime's optimizer does not fuse the ops back into it.
+    """
+    mu = x.mean(dim=-1, keepdim=True)
+    centred = x - mu
+    sigma = torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + eps)
+    return centred, mu, sigma
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last axis, as plain ops (see ``_centre_and_spread``)."""
+    centred, _, sigma = _centre_and_spread(x, eps)
+    return centred / sigma * weight + bias
 
 
 def _flush_tiny(x: Tensor) -> Tensor:
@@ -476,7 +493,7 @@ class PreparedDecoderOnnx(DecoderOnnx):
         w2, b2 = _transposed_conv_as_linear(conv2)
         side = self.prompt_encoder.image_embedding_size[0]
         x = image.project(w1, b1, per_image).reshape(side * side, 4, -1)  # N x (a b) x C/4
-        x = act1(F.layer_norm(x, (conv1.out_channels,), norm.weight, norm.bias, norm.eps))
+        x = act1(_layer_norm(x, norm.weight, norm.bias, norm.eps))
         x = act2(x @ w2.T + b2).reshape(side * side, 16, -1)  # N x (a b a2 b2) x C/8
         hyper_in = torch.stack(
             [mlp(hs[0, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=0
