@@ -166,6 +166,8 @@ class Session:
             shown = self.page.inner_text("body")[:300]
             raise SystemExit(f"the page ({query}) never got ready: {self.errors} {shown!r}") from None
         self.ready_ms = self.page.evaluate("performance.now()")
+        # The worker reports the thread count onnxruntime-web really uses (1 without cross-origin isolation).
+        self.status = self.page.inner_text("[data-testid=status]")
         self.box = self.page.locator("[data-testid=stage]").bounding_box()
 
     def client(self, fx: float, fy: float) -> tuple[float, float]:
@@ -231,6 +233,9 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
         fx, fy = rng.uniform(0.15, 0.85, 2)
         for s in pages.values():
             s.click_once(fx, fy)
+    for name, s in pages.items():
+        if f"{threads} thread" not in s.status:
+            print(f"warning: {name} asked for {threads} threads, the page says {s.status!r}", file=sys.stderr)
     rows = {name: dict(image=f"{im['width']} x {im['height']}", decoder=name, threads=threads,
                        click=s.timings("click", warmup), decode=s.timings("decode", warmup), ready=s.ready_ms,
                        switch=s.switch_back_ms(im["index"], im["count"]),
@@ -241,6 +246,12 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     print(f"  {label}: hovers", file=sys.stderr)
     hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", files)
                    for name, q in decoders.items() if "official" not in name}
+    if threads > 1:
+        for s in hover_pages.values():
+            # The one-thread hover worker starts after the main one: time previews once it serves them.
+            s.page.wait_for_function(
+                "document.querySelector('[data-testid=status]').textContent.includes('hover worker')", timeout=120_000
+            )
     for _ in range(args.hovers + warmup):
         fx, fy = rng.uniform(0.15, 0.85, 2)
         for s in hover_pages.values():
@@ -259,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hovers", type=int, default=15, help="timed hover previews per configuration")
     parser.add_argument("--threads", default="1,2", help="WASM thread counts to time")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
+    parser.add_argument("--decoders", default="fp32,quantized,fast,official",
+                        help="which decoders to time (official is always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -266,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     load_before = os.getloadavg()[0]
+    loads: list[float] = []
+    sampling = threading.Event()
+
+    def sample_load() -> None:
+        while not sampling.wait(5.0):
+            loads.append(os.getloadavg()[0])
+
+    threading.Thread(target=sample_load, daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="trimask-bench-") as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "images").mkdir()
@@ -285,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 get(f"{base}/api/images/{im['id']}/embedding")
                 cold[im["file_name"]] = (time.perf_counter() - t) * 1000
-            decoders = {
-                "trimask fp32": "fast=0",
-                "trimask quantized": "fast=0&quantized=1",
-                "trimask fp32 + prepared fast path": "fast=1",
-                "official style fp32": f"style=official&decoder={OFFICIAL_URL}",
+            choices = {
+                "fp32": ("trimask fp32", "fast=0"),
+                "quantized": ("trimask quantized", "fast=0&quantized=1"),
+                "fast": ("trimask fp32 + prepared fast path", "fast=1"),
+                "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}"),
             }
+            wanted = {*args.decoders.split(","), "official"}
+            decoders = dict(choices[k] for k in choices if k in wanted)
             files = {OFFICIAL_URL: official}
             status = json.loads(get(base + "/api/status"))
             if "prepared" not in status.get("decoder_parts", []):
@@ -309,9 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=30)
 
+    sampling.set()
     official_p50 = {(r["image"], r["threads"]): pct(r["click"], 50) for r in rows if "official" in r["decoder"]}
     print(f"\nHeadless Chromium {CHROMIUM}, WASM (SIMD, threads as listed), {os.cpu_count()} CPU cores; "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+          f"{min(loads, default=load_before):.1f} to {max(loads, default=load_before):.1f} during "
+          f"(median {pct(loads, 50):.1f}; the other load shares the cores, hence the same-run ratios).\n")
     print("| image (W x H) | decoder | threads | click p50 ms | click p95 ms | click vs official | decode p50 ms | "
           "hover p50 ms | hover p95 ms | hover previews/s | page open -> ready ms | image switch -> ready ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

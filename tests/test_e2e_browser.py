@@ -424,6 +424,40 @@ def test_click_shows_three_levels_and_each_saved_mask_equals_python_decoder(anno
     assert_no_console_errors(a)
 
 
+def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_mask(annotator, server, python_decoder, images):
+    """With two threads a one-thread worker decodes previews alongside the main one: the preview
+    left showing is the last pointer position's (never an older one arriving late), and clicking
+    there saves the mask Python's decoder gives for that point."""
+    a = annotator
+    record = server["images"]["shapes"]
+    start = len(a.server_annotations(record["id"]))
+    a.page.goto(f"{a.base}/?image={record['id']}&threads=2")
+    a.wait_ready(record["id"])
+    if a.page.evaluate("navigator.hardwareConcurrency < 2 || !self.crossOriginIsolated"):
+        pytest.skip("one core (or no cross-origin isolation): no hover worker")
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('hover worker')")
+    x, y = images["shapes"]["point"]
+    for px, py in ((100, 100), (450, 200), (200, 300), (520, 320), (300, 120), (x, y)):
+        a.page.mouse.move(*a.client_xy(record, px, py))
+    a.page.wait_for_function(
+        "(() => { const p = document.querySelector('[data-testid=stage]').dataset.hoverPoint;"
+        f" if (!p) return false; const [hx, hy] = p.split(',').map(Number);"
+        f" return Math.abs(hx - {x + 0.5}) < 0.6 && Math.abs(hy - {y + 0.5}) < 0.6; }})()"
+    )
+    previews = a.page.evaluate("window.__trimaskTimings.hover.length")
+    a.page.wait_for_timeout(1000)  # any decode still running ends meanwhile, and must not replace it
+    hx, hy = map(float, a.page.locator("[data-testid=stage]").get_attribute("data-hover-point").split(","))
+    assert (hx, hy) == pytest.approx((x + 0.5, y + 0.5), abs=0.6)
+    assert a.page.evaluate("window.__trimaskTimings.hover.length") == previews, "no preview after the last one"
+    a.click(record, x, y)
+    cands = a.wait_candidates(3)
+    best = max(cands, key=lambda c: c["iou"])
+    saved = a.accept(record, start + 1)
+    assert saved["level"] == best["level"]
+    check_parity(python_decoder, record, saved)
+    assert_no_console_errors(a)
+
+
 def test_saved_objects_survive_a_reload_and_are_in_the_coco_export(annotator, server, images):
     a = annotator
     record = server["images"]["scene"]

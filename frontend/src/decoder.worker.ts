@@ -56,7 +56,10 @@ async function init(req: InitRequest): Promise<void> {
   // With the fast path every prompt runs the prepared graph; decoder.onnx is loaded only without it.
   if (req.fastPath && style === "trimask") await loadFastPath(req.fastPath, options);
   if (!preparedSession) session = await ort.InferenceSession.create(await download(req.modelUrl), options);
-  post({ type: "ready", backend, numThreads: req.numThreads, fastPath: preparedSession !== null });
+  // onnxruntime-web falls back to one thread (with a console warning) when the page is not
+  // cross-origin isolated; report the count it really uses. Its builds all need WASM SIMD.
+  const numThreads = backend === "wasm" ? (ort.env.wasm.numThreads ?? req.numThreads) : req.numThreads;
+  post({ type: "ready", backend, numThreads, fastPath: preparedSession !== null });
 }
 
 async function download(url: string): Promise<Uint8Array> {

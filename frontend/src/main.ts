@@ -82,6 +82,8 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     numThreads: settings.numThreads,
     wasmPaths: "/ort/",
     style: settings.style,
+    // With two or more threads to use, a second one-thread worker decodes hover previews alongside.
+    hoverWorker: settings.hover && settings.backend === "wasm" && settings.numThreads >= 2,
   });
   client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
   return client;
@@ -94,6 +96,9 @@ function setState(next: SessionState): void {
 
 function draw(): void {
   view.draw(state, { hover: hoverPreview, view: viewTransform, ready: isReady() });
+  // For tests and scripts: the image point whose hover preview is showing.
+  if (hoverPreview) view.stage.dataset.hoverPoint = `${hoverPreview.x},${hoverPreview.y}`;
+  else delete view.stage.dataset.hoverPoint;
 }
 
 function isReady(): boolean {
@@ -509,8 +514,10 @@ async function start(): Promise<void> {
     .then((info) => {
       decoderReady = true;
       const threads = info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : "";
-      view.setStatus(`decoder: ${info.backend}${threads}${info.fastPath ? " · prepared fast path" : ""}`);
+      const status = `decoder: ${info.backend}${threads}${info.fastPath ? " · prepared fast path" : ""}`;
+      view.setStatus(status);
       draw();
+      void decoder.hoverWorkerReady().then((on) => on && view.setStatus(`${status} · hover worker`));
     })
     .catch(() => {
       /* onFatal has shown the message */

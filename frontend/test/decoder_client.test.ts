@@ -5,21 +5,28 @@ import { encodePromptInputs, type WorkerRequest } from "../src/worker_protocol";
 /** A stand-in Worker that records decode requests and answers only when told to. */
 class FakeWorker {
   static last: FakeWorker;
+  static all: FakeWorker[] = [];
   onmessage: ((e: { data: unknown }) => void) | null = null;
   onerror: ((e: unknown) => void) | null = null;
   sent: WorkerRequest[] = [];
+  terminated = false;
   constructor() {
     FakeWorker.last = this;
+    FakeWorker.all.push(this);
   }
   postMessage(msg: WorkerRequest) {
     this.sent.push(msg);
-    if (msg.type === "init") queueMicrotask(() => this.onmessage?.({ data: { type: "ready", backend: "wasm", numThreads: 1 } }));
+    if (msg.type === "init") queueMicrotask(() => this.onmessage?.({ data: { type: "ready", backend: "wasm", numThreads: msg.numThreads } }));
+    if (msg.type === "embedding") queueMicrotask(() => this.onmessage?.({ data: { type: "embedding-ready", imageId: msg.imageId } }));
+  }
+  terminate() {
+    this.terminated = true;
   }
   decodes() {
     return this.sent.filter((m) => m.type === "decode") as Extract<WorkerRequest, { type: "decode" }>[];
   }
-  answer(id: number) {
-    const z = new Float32Array(4);
+  answer(id: number, mark = 0) {
+    const z = new Float32Array(4).fill(mark);
     this.onmessage?.({
       data: { type: "result", id, iou: z, areas: z, display: new Uint8Array(4), displayH: 1, displayW: 1, lowRes: new Float32Array(4), decodeMs: 1 },
     });
@@ -31,7 +38,10 @@ function job(kind: "hover" | "click", x: number): DecodeJob {
   return { kind, imageId: 1, coords, labels, maskInput: null, origHw: [10, 10] };
 }
 
-afterEach(() => vi.unstubAllGlobals());
+afterEach(() => {
+  vi.unstubAllGlobals();
+  FakeWorker.all = [];
+});
 
 describe("decoder client scheduling", () => {
   function client() {
@@ -82,6 +92,94 @@ describe("decoder client sharing", () => {
     const [h, k] = await Promise.all([hover, click]);
     expect(k).toBe(h);
     expect(w.decodes().length).toBe(1);
+  });
+});
+
+describe("decoder client with a hover worker", () => {
+  /** A client whose one-thread hover worker is up and holds image 1's embedding. */
+  async function twoWorkers() {
+    vi.stubGlobal("Worker", FakeWorker);
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", hoverWorker: true });
+    await c.ready();
+    expect(await c.hoverWorkerReady()).toBe(true);
+    await c.setEmbedding(1, new ArrayBuffer(8));
+    await new Promise((r) => setTimeout(r, 0));
+    const [main, hover] = FakeWorker.all;
+    return { c, main, hover };
+  }
+
+  it("starts the hover worker with one thread and gives it its own copy of the embedding", async () => {
+    const { main, hover } = await twoWorkers();
+    const init = hover.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>;
+    expect(init.numThreads).toBe(1);
+    expect((main.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>).numThreads).toBe(2);
+    const embeddings = [main, hover].map((w) => w.sent.find((m) => m.type === "embedding") as Extract<WorkerRequest, { type: "embedding" }>);
+    expect(embeddings.map((m) => m.imageId)).toEqual([1, 1]);
+    expect(embeddings[0].fp16).not.toBe(embeddings[1].fp16);
+  });
+
+  it("decodes two hovers at once, the main worker first, and clicks only on the main worker", async () => {
+    const { c, main, hover } = await twoWorkers();
+    void c.decode(job("hover", 1));
+    void c.decode(job("hover", 2));
+    expect(main.decodes().map((d) => d.coords[0])).toEqual([1]);
+    expect(hover.decodes().map((d) => d.coords[0])).toEqual([2]);
+    const waiting = c.decode(job("hover", 3));
+    const click = c.decode(job("click", 9));
+    expect(await waiting).toBeNull(); // a click drops the waiting hover
+    hover.answer(hover.decodes()[0].id);
+    await Promise.resolve();
+    expect(hover.decodes().length).toBe(1); // the click waits for the main worker
+    main.answer(main.decodes()[0].id);
+    await Promise.resolve();
+    expect(main.decodes().map((d) => d.coords[0])).toEqual([1, 9]);
+    main.answer(main.decodes()[1].id, 7);
+    expect((await click)!.iou[0]).toBe(7);
+  });
+
+  it("never delivers a preview older than one already shown", async () => {
+    const { c, main, hover } = await twoWorkers();
+    const older = c.decode(job("hover", 1)); // on the main worker
+    const newer = c.decode(job("hover", 2)); // on the hover worker
+    hover.answer(hover.decodes()[0].id, 2);
+    expect((await newer)!.iou[0]).toBe(2);
+    main.answer(main.decodes()[0].id, 1);
+    expect(await older).toBeNull();
+    // and the next preview is delivered again
+    const next = c.decode(job("hover", 3));
+    main.answer(main.decodes()[1].id, 3);
+    expect((await next)!.iou[0]).toBe(3);
+  });
+
+  it("sends hovers for a new image to the hover worker only once it holds that image", async () => {
+    const { c, main, hover } = await twoWorkers();
+    const embedded = c.setEmbedding(2, new ArrayBuffer(8));
+    void c.decode({ ...job("hover", 5), imageId: 2 }); // main
+    void c.decode({ ...job("hover", 6), imageId: 2 }); // waits: the hover worker has not confirmed image 2
+    expect(hover.decodes().length).toBe(0);
+    expect(main.decodes().length).toBe(1);
+    await embedded;
+    await new Promise((r) => setTimeout(r, 0));
+    expect(hover.decodes().map((d) => [d.imageId, d.coords[0]])).toEqual([[2, 6]]);
+  });
+
+  it("a click shares the output of a hover running on the hover worker for the same point", async () => {
+    const { c, main, hover } = await twoWorkers();
+    void c.decode(job("hover", 1)); // main
+    const h = c.decode(job("hover", 4)); // hover worker
+    const k = c.decode(job("click", 4));
+    hover.answer(hover.decodes()[0].id);
+    const [ho, ko] = await Promise.all([h, k]);
+    expect(ko).toBe(ho);
+    expect(main.decodes().length).toBe(1);
+  });
+
+  it("without the option there is one worker", async () => {
+    vi.stubGlobal("Worker", FakeWorker);
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask" });
+    await c.ready();
+    expect(await c.hoverWorkerReady()).toBe(false);
+    expect(FakeWorker.all.length).toBe(1);
   });
 });
 
