@@ -134,6 +134,21 @@ def _transposed_conv_as_linear(conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor
     return weight.permute(2, 3, 1, 0).reshape(4 * cout, cin), conv.bias.detach().repeat(4)
 
 
+def _centred_upscaling(conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+    """The first upscaling convolution as a per-token map (``_transposed_conv_as_linear``) with each
+    output pixel's channels centred, so its output has mean 0 over a pixel's channels.
+
+    That mean is what the LayerNorm2d after it subtracts, and centring is linear: the same
+    LayerNorm then needs neither the mean nor the subtraction (exact algebra).
+    """
+    weight, bias = _transposed_conv_as_linear(conv)
+    weight = weight.reshape(4, conv.out_channels, -1)
+    bias = bias.reshape(4, conv.out_channels)
+    weight = weight - weight.mean(dim=1, keepdim=True)
+    bias = bias - bias.mean(dim=1, keepdim=True)
+    return weight.reshape(4 * conv.out_channels, -1), bias.reshape(-1)
+
+
 @dataclass
 class FactoredImage:
     """Image tokens X (N x C) held as X_i = (gain * e_i + z_i @ r) / scale_i.
@@ -156,12 +171,16 @@ class FactoredImage:
         rw = self.r @ weight.T
         return torch.cat([rw[:1] + bias, rw[1:]], dim=0)  # z's column 0 is the scale: the bias joins row 0
 
+    def numerator(self, weight: Tensor, bias: Tensor, per_image: Tensor) -> Tensor:
+        """(X @ weight^T + bias) * scale -> N x D, from per_image = (gain * e) @ weight^T (N x D)."""
+        return per_image + self.z @ self.coefficients(weight, bias)
+
     def project(self, weight: Tensor, bias: Tensor, per_image: Tensor, offset: Tensor | None = None) -> Tensor:
         """X @ weight^T + bias (+ offset) -> N x D, from per_image = (gain * e) @ weight^T (N x D).
 
         offset: N x D, e.g. the positional encoding's projection (added outside the scale).
         """
-        out = per_image + self.z @ self.coefficients(weight, bias)
+        out = self.numerator(weight, bias, per_image)
         if self.scale is not None:
             out = out / self.scale
         return out if offset is None else out + offset
@@ -212,20 +231,14 @@ _NEGLIGIBLE = 1e-15
 def _centre_and_spread(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm's statistics over the last axis: (x - mu, mu, sigma = sqrt(var + eps)), mu and sigma ... x 1.
 
-    Written out rather than as ONNX LayerNormalization, which onnxruntime-web runs at about half
-    the speed of these plain ops (its kernel accumulates in double); the square is a product, not
-    Pow, so onnxruntime's optimizer does not fuse the ops back into it.
+    Written out rather than as ONNX LayerNormalization, whose kernel onnxruntime-web 1.30 runs at
+    about half the speed of these plain ops (measured on 4096 x 256 and 16384 x 64); the square is
+    a product, not Pow, so onnxruntime's optimizer does not fuse the ops back into it.
     """
     mu = x.mean(dim=-1, keepdim=True)
     centred = x - mu
     sigma = torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + eps)
     return centred, mu, sigma
-
-
-def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last axis, as plain ops (see ``_centre_and_spread``)."""
-    centred, _, sigma = _centre_and_spread(x, eps)
-    return centred / sigma * weight + bias
 
 
 def _flush_tiny(x: Tensor) -> Tensor:
@@ -330,7 +343,7 @@ class _Projections(nn.Module):
         super().__init__()
         transformer = sam.mask_decoder.transformer
         pe = _flat_tokens(sam.prompt_encoder.get_dense_pe()).detach()  # N x C
-        upscaling_weight, _ = _transposed_conv_as_linear(sam.mask_decoder.output_upscaling[0])
+        upscaling_weight, _ = _centred_upscaling(sam.mask_decoder.output_upscaling[0])
         gain = torch.ones(pe.shape[1])
         weights, pe_terms = [], {}
         for index, layer in enumerate(transformer.layers):
@@ -486,14 +499,18 @@ class PreparedDecoderOnnx(DecoderOnnx):
         """``output_upscaling`` + hypernetworks, per token: -> logits 1 x 4 x 4H x 4W.
 
         Layout y x (a b) x channels, then (a b a2 b2) x channels: no pixel shuffle until the end.
+        The first convolution's output x = y / scale has mean 0 over a pixel's channels
+        (``_centred_upscaling``), so its LayerNorm2d is y / sqrt(mean(y^2) + eps scale^2) * g + b:
+        no mean, no division of the whole map by the scale.
         """
         decoder = self.mask_decoder
         conv1, norm, act1, conv2, act2 = decoder.output_upscaling
-        w1, b1 = _transposed_conv_as_linear(conv1)
+        w1, b1 = _centred_upscaling(conv1)
         w2, b2 = _transposed_conv_as_linear(conv2)
         side = self.prompt_encoder.image_embedding_size[0]
-        x = image.project(w1, b1, per_image).reshape(side * side, 4, -1)  # N x (a b) x C/4
-        x = act1(_layer_norm(x, norm.weight, norm.bias, norm.eps))
+        y = image.numerator(w1, b1, per_image).reshape(side * side, 4, -1)  # N x (a b) x C/4
+        floor = norm.eps if image.scale is None else norm.eps * image.scale.square()[:, :, None]  # N x 1 x 1
+        x = act1(y / torch.sqrt((y * y).mean(dim=-1, keepdim=True) + floor) * norm.weight + norm.bias)
         x = act2(x @ w2.T + b2).reshape(side * side, 16, -1)  # N x (a b a2 b2) x C/8
         hyper_in = torch.stack(
             [mlp(hs[0, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=0
