@@ -247,7 +247,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", files)
                    for name, q in decoders.items() if "official" not in name}
     if threads > 1:
-        for s in hover_pages.values():
+        for s in (s for name, s in hover_pages.items() if "no hover worker" not in name):
             # The one-thread hover worker starts after the main one: time previews once it serves them.
             s.page.wait_for_function(
                 "document.querySelector('[data-testid=status]').textContent.includes('hover worker')", timeout=120_000
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="WASM thread counts to time")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
     parser.add_argument("--decoders", default="fp32,quantized,fast,official",
-                        help="which decoders to time (official is always timed: the ratios need it)")
+                        help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the hover "
+                             "worker), official (always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fp32": ("trimask fp32", "fast=0"),
                 "quantized": ("trimask quantized", "fast=0&quantized=1"),
                 "fast": ("trimask fp32 + prepared fast path", "fast=1"),
+                # The same without the one-thread hover worker (only hover previews differ).
+                "fast1w": ("trimask fp32 + prepared fast path, no hover worker", "fast=1&hoverworker=0"),
                 "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}"),
             }
             wanted = {*args.decoders.split(","), "official"}

@@ -83,7 +83,7 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     wasmPaths: "/ort/",
     style: settings.style,
     // With two or more threads to use, a second one-thread worker decodes hover previews alongside.
-    hoverWorker: settings.hover && settings.backend === "wasm" && settings.numThreads >= 2,
+    hoverWorker: settings.hover && settings.hoverWorker && settings.backend === "wasm" && settings.numThreads >= 2,
   });
   client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
   return client;

@@ -1,0 +1,17 @@
+import { describe, expect, it } from "vitest";
+import { readSettings } from "../src/settings";
+
+describe("page settings", () => {
+  it("uses every core when cross-origin isolated, one thread otherwise", () => {
+    expect(readSettings("", 4, true).numThreads).toBe(4);
+    expect(readSettings("?threads=2", 4, true).numThreads).toBe(2);
+    expect(readSettings("?threads=8", 4, true).numThreads).toBe(4);
+    expect(readSettings("?threads=2", 4, false).numThreads).toBe(1);
+  });
+
+  it("has hover previews and their worker on unless the URL turns them off", () => {
+    expect(readSettings("", 2, true)).toMatchObject({ hover: true, hoverWorker: true });
+    expect(readSettings("?hoverworker=0", 2, true)).toMatchObject({ hover: true, hoverWorker: false });
+    expect(readSettings("?hover=0", 2, true).hover).toBe(false);
+  });
+});
