@@ -214,8 +214,9 @@ class FactoredImage:
             z=torch.cat([scale, self.z, self.z[:, :1] * mu], dim=1),
             r=torch.cat([b[None], self.r * g, -g[None]], dim=0),
             scale=scale,
-            base=centred / sigma * g + b,  # LN(y) from the statistics at hand, for the next layer
-            pending=(),
+            # LN(y) from the statistics at hand, for the next layer; its bias joins the next dense product.
+            base=centred / sigma * g,
+            pending=((torch.ones_like(sigma), b[None]),),
         )
 
 
