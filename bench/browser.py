@@ -21,6 +21,11 @@ graph returning four float masks at full image resolution, exported with the onn
 helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
 on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
 
+With 2 threads trimask's page runs a second, one-thread decoder worker beside the main one
+(hover previews two at a time; each job on the worker that has lately been faster alone, see
+frontend/src/decoder_client.ts); "fast1w" times the fast path without it, and the official
+style always runs as a plain page would: one worker with all the threads.
+
     .venv/bin/python bench/browser.py [--clicks 15] [--hovers 15]
 """
 from __future__ import annotations
@@ -159,6 +164,7 @@ class Session:
             # A regex on the whole path: a glob would also match the page URL, whose query names the file.
             self.page.route(re.compile(r"^https?://[^/]+" + re.escape(path) + "$"), serve_bytes(body))
         self.image = image
+        self.query = query
         self.page.goto(f"{base}/?image={image['id']}&{query}")
         try:
             self.page.wait_for_selector("[data-testid=stage][data-ready=true]", timeout=300_000)
@@ -221,12 +227,24 @@ class Session:
         self.context.close()
 
 
+def wait_for_second_worker(pages: dict, threads: int) -> None:
+    """With 2+ threads trimask's page starts a one-thread second worker after the main one: time it once it decodes."""
+    if threads < 2:
+        return
+    for name, s in pages.items():
+        if "secondworker=0" not in s.query:
+            s.page.wait_for_function(
+                "document.querySelector('[data-testid=status]').textContent.includes('1-thread worker')", timeout=120_000
+            )
+
+
 def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict, files: dict, args) -> list[dict]:
     """All decoders on one image and thread count, one page each, clicks taken in turn so
     load from elsewhere on the machine hits every decoder alike (the ratio stays fair)."""
     label = f"{im['width']}x{im['height']} threads={threads}"
     print(f"  {label}: clicks", file=sys.stderr)
     pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", files) for name, q in decoders.items()}
+    wait_for_second_worker(pages, threads)
     rng = np.random.default_rng(0)
     warmup = 2
     for _ in range(args.clicks + warmup):
@@ -246,12 +264,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     print(f"  {label}: hovers", file=sys.stderr)
     hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", files)
                    for name, q in decoders.items() if "official" not in name}
-    if threads > 1:
-        for s in (s for name, s in hover_pages.items() if "no hover worker" not in name):
-            # The one-thread hover worker starts after the main one: time previews once it serves them.
-            s.page.wait_for_function(
-                "document.querySelector('[data-testid=status]').textContent.includes('hover worker')", timeout=120_000
-            )
+    wait_for_second_worker(hover_pages, threads)
     for _ in range(args.hovers + warmup):
         fx, fy = rng.uniform(0.15, 0.85, 2)
         for s in hover_pages.values():
@@ -311,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fp32": ("trimask fp32", "fast=0"),
                 "quantized": ("trimask quantized", "fast=0&quantized=1"),
                 "fast": ("trimask fp32 + prepared fast path", "fast=1"),
-                # The same without the one-thread hover worker (only hover previews differ).
-                "fast1w": ("trimask fp32 + prepared fast path, no hover worker", "fast=1&hoverworker=0"),
-                "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}"),
+                # The same without the second, one-thread worker (the main worker with all threads only).
+                "fast1w": ("trimask fp32 + prepared fast path, no second worker", "fast=1&secondworker=0"),
+                # SAM's export style as a plain onnxruntime-web page would run it: one worker, all threads.
+                "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}&secondworker=0"),
             }
             wanted = {*args.decoders.split(","), "official"}
             decoders = dict(choices[k] for k in choices if k in wanted)

@@ -425,7 +425,7 @@ def test_click_shows_three_levels_and_each_saved_mask_equals_python_decoder(anno
 
 
 def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_mask(annotator, server, python_decoder, images):
-    """With two threads a one-thread worker decodes previews alongside the main one: the preview
+    """With two threads a second, one-thread worker decodes alongside the main one: the preview
     left showing is the last pointer position's (never an older one arriving late), and clicking
     there saves the mask Python's decoder gives for that point."""
     a = annotator
@@ -434,8 +434,8 @@ def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_ma
     a.page.goto(f"{a.base}/?image={record['id']}&threads=2")
     a.wait_ready(record["id"])
     if a.page.evaluate("navigator.hardwareConcurrency < 2 || !self.crossOriginIsolated"):
-        pytest.skip("one core (or no cross-origin isolation): no hover worker")
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('hover worker')")
+        pytest.skip("one core (or no cross-origin isolation): no second worker")
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('1-thread worker')")
     x, y = images["shapes"]["point"]
     for px, py in ((100, 100), (450, 200), (200, 300), (520, 320), (300, 120), (x, y)):
         a.page.mouse.move(*a.client_xy(record, px, py))

@@ -4,11 +4,14 @@
  * moving mouse never builds a queue of stale hover decodes and a click never
  * waits behind them.
  *
- * Optionally a second, one-thread worker serves hover previews: a hover goes to
- * the main worker when it is idle and to the hover worker while it is busy, so
- * two previews decode at once on two cores. Clicks run on the main worker only
- * (all its threads). A preview that finishes after a newer one was delivered is
- * dropped (resolved null).
+ * Optionally a second, one-thread worker runs beside the main one (which has all
+ * the threads). Hover previews then decode two at a time, on two cores; a preview
+ * that finishes after a newer one was delivered is dropped (resolved null). A job
+ * goes to the idle worker that has lately been the faster one: on an idle machine
+ * that is the main worker, but when other work holds a core, one thread beats two
+ * (the threads of one decode wait for each other). Each worker's time is learnt
+ * from the decodes it ran alone, and a worker not measured lately gets one
+ * background decode (a probe) when both are idle.
  */
 import type { DecodeOutput } from "./session";
 import type { DecodeRequest, DecoderStyle, ExecutionBackend, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
@@ -26,8 +29,8 @@ export interface DecoderOptions {
   numThreads: number;
   wasmPaths: string;
   style: DecoderStyle;
-  /** Start a second, one-thread worker for hover previews once the main one is ready. */
-  hoverWorker?: boolean;
+  /** Start a second, one-thread worker once the main one is ready. */
+  secondWorker?: boolean;
 }
 
 export interface ReadyInfo {
@@ -52,7 +55,15 @@ interface Waiting {
 interface Running extends Waiting {
   id: number;
   followers: Settle[];
+  /** No other worker decoded at any time during this one: its time measures this worker. */
+  alone: boolean;
+  probe: boolean;
 }
+
+/** Weight of the newest alone-decode in a worker's average time. */
+const SMOOTHING = 0.3;
+/** A worker not measured alone during this many alone-decodes (of any worker) is probed again. */
+const STALE_AFTER = 12;
 
 /** One worker and what it holds. */
 class Lane {
@@ -60,10 +71,13 @@ class Lane {
   /** The image whose embedding this worker holds (confirmed by the worker). */
   imageId = -1;
   ready = false;
+  /** Average ms of its decodes run alone, and the alone-decode count when it was last measured. */
+  ms: number | null = null;
+  measuredAt = -Infinity;
 
   constructor(
     readonly worker: Worker,
-    readonly clicks: boolean,
+    readonly main: boolean,
   ) {}
 }
 
@@ -77,11 +91,14 @@ export class DecoderClient {
   private hoverSeq = 0;
   /** seq of the newest hover preview delivered. */
   private shownHover = 0;
+  private aloneCount = 0;
   private waiting: { click: Waiting | null; hover: Waiting | null } = { click: null, hover: null };
+  /** The latest real job, replayed by probes. */
+  private lastJob: DecodeJob | null = null;
   private readyPromise: Promise<ReadyInfo>;
-  private hoverReadyPromise: Promise<boolean>;
+  private secondReadyPromise: Promise<boolean>;
   private embeddingWaiters = new Map<number, () => void>();
-  /** The current image's embedding, kept for a hover worker that starts (or catches up) later. */
+  /** The current image's embedding, kept for the second worker (it gets it once the main one has it). */
   private embedding: { imageId: number; fp16: ArrayBuffer } | null = null;
   /** Set when init or an embedding fails; shown to the user by the controller. */
   onFatal: (message: string) => void = () => {};
@@ -101,8 +118,8 @@ export class DecoderClient {
       },
     });
     main.worker.postMessage({ type: "init", ...options } satisfies WorkerRequest);
-    this.hoverReadyPromise = options.hoverWorker
-      ? this.readyPromise.then(() => this.startHoverLane(), () => false)
+    this.secondReadyPromise = options.secondWorker
+      ? this.readyPromise.then(() => this.startSecondLane(), () => false)
       : Promise.resolve(false);
   }
 
@@ -110,18 +127,18 @@ export class DecoderClient {
     return this.readyPromise;
   }
 
-  /** Resolves true once the hover worker serves previews, false if there is none (or it failed). */
-  hoverWorkerReady(): Promise<boolean> {
-    return this.hoverReadyPromise;
+  /** Resolves true once the second worker decodes, false if there is none (or it failed). */
+  secondWorkerReady(): Promise<boolean> {
+    return this.secondReadyPromise;
   }
 
   /** Hands the image's float16 embedding to the workers; resolves once the main worker has it in place. */
   setEmbedding(imageId: number, fp16: ArrayBuffer): Promise<void> {
-    if (this.options.hoverWorker) this.embedding = { imageId, fp16: fp16.slice(0) };
+    if (this.options.secondWorker) this.embedding = { imageId, fp16: fp16.slice(0) };
+    for (const lane of this.lanes.slice(1)) lane.imageId = -1; // until it gets and confirms this image
     return new Promise((resolve) => {
       this.embeddingWaiters.set(imageId, resolve);
       this.lanes[0].worker.postMessage({ type: "embedding", imageId, fp16 } satisfies WorkerRequest, [fp16]);
-      for (const lane of this.lanes.slice(1)) if (lane.ready) this.sendEmbedding(lane);
     });
   }
 
@@ -132,8 +149,9 @@ export class DecoderClient {
    */
   decode(job: DecodeJob): Promise<DecodeResult | null> {
     return new Promise((settle, reject) => {
+      this.lastJob = job;
       if (job.kind === "click") {
-        const same = this.lanes.find((l) => l.running && sameInputs(l.running.job, job));
+        const same = this.lanes.find((l) => l.running && !l.running.probe && sameInputs(l.running.job, job));
         if (same) {
           same.running!.followers.push(settle);
           return;
@@ -152,8 +170,8 @@ export class DecoderClient {
     this.waiting.hover = null;
   }
 
-  private addLane(clicks: boolean, on: { ready: (info: ReadyInfo) => void; fatal: (message: string) => void }): Lane {
-    const lane = new Lane(newWorker(), clicks);
+  private addLane(main: boolean, on: { ready: (info: ReadyInfo) => void; fatal: (message: string) => void }): Lane {
+    const lane = new Lane(newWorker(), main);
     this.lanes.push(lane);
     lane.worker.onmessage = (event: MessageEvent<WorkerMessage>) => {
       const msg = event.data;
@@ -162,9 +180,11 @@ export class DecoderClient {
         on.ready({ backend: msg.backend, numThreads: msg.numThreads, fastPath: msg.fastPath });
       } else if (msg.type === "embedding-ready") {
         lane.imageId = msg.imageId;
-        if (lane === this.lanes[0]) {
+        if (lane.main) {
           this.embeddingWaiters.get(msg.imageId)?.();
           this.embeddingWaiters.delete(msg.imageId);
+          // The second worker prepares the image after the main one, so it never delays the main one.
+          for (const other of this.lanes.slice(1)) if (other.ready) this.sendEmbedding(other);
         }
         this.pump();
       } else if (msg.type === "result") this.finish(lane, msg.id, msg, null);
@@ -177,12 +197,12 @@ export class DecoderClient {
     return lane;
   }
 
-  /** The one-thread hover worker; a failure only leaves the main worker doing everything. */
-  private startHoverLane(): Promise<boolean> {
+  /** The one-thread second worker; a failure only leaves the main worker doing everything. */
+  private startSecondLane(): Promise<boolean> {
     return new Promise((resolve) => {
       const lane = this.addLane(false, {
         ready: () => {
-          if (this.embedding) this.sendEmbedding(lane);
+          if (this.embedding && this.embedding.imageId === this.lanes[0].imageId) this.sendEmbedding(lane);
           resolve(true);
         },
         fatal: () => {
@@ -196,31 +216,58 @@ export class DecoderClient {
   }
 
   private sendEmbedding(lane: Lane): void {
-    const { imageId, fp16 } = this.embedding!;
+    if (!this.embedding) return;
+    const { imageId, fp16 } = this.embedding;
     lane.imageId = -1; // until the worker confirms this image
     const copy = fp16.slice(0);
     lane.worker.postMessage({ type: "embedding", imageId, fp16: copy } satisfies WorkerRequest, [copy]);
   }
 
-  private pump(): void {
-    const main = this.lanes[0];
-    if (this.waiting.click && !main.running) {
-      this.start(main, this.waiting.click);
-      this.waiting.click = null;
-    }
-    const hover = this.waiting.hover;
-    if (!hover) return;
-    // The main worker when idle (all its threads: the shortest wait for one preview), else the hover worker.
-    const idleMain = !main.running && !this.waiting.click ? main : null;
-    const lane = idleMain ?? this.lanes.find((l) => !l.clicks && l.ready && !l.running && l.imageId === hover.job.imageId);
-    if (!lane) return;
-    this.waiting.hover = null;
-    this.start(lane, hover);
+  /**
+   * Idle workers for a job on this image, fastest first (unmeasured: the main worker first). The
+   * main worker always qualifies (the page decodes only once setEmbedding resolved); the second
+   * one once it has confirmed this image.
+   */
+  private idleFor(imageId: number): Lane[] {
+    const time = (l: Lane) => l.ms ?? (l.main ? -1 : Infinity);
+    return this.lanes
+      .filter((l) => !l.running && (l.main || (l.ready && l.imageId === imageId)))
+      .sort((a, b) => time(a) - time(b));
   }
 
-  private start(lane: Lane, next: Waiting): void {
+  private pump(): void {
+    const click = this.waiting.click;
+    if (click) {
+      const lane = this.idleFor(click.job.imageId)[0];
+      if (lane) {
+        this.waiting.click = null;
+        this.start(lane, click, false);
+      }
+    }
+    const hover = this.waiting.hover;
+    if (hover && !this.waiting.click) {
+      const lane = this.idleFor(hover.job.imageId)[0];
+      if (lane) {
+        this.waiting.hover = null;
+        this.start(lane, hover, false);
+      }
+    }
+    this.probe();
+  }
+
+  /** With every worker idle and nothing waiting, decodes the latest job again on a worker not measured lately. */
+  private probe(): void {
+    const job = this.lastJob;
+    if (!job || this.lanes.length < 2 || this.waiting.click || this.waiting.hover || this.lanes.some((l) => l.running)) return;
+    const stale = this.lanes.find((l) => l.ready && l.imageId === job.imageId && this.aloneCount - l.measuredAt >= STALE_AFTER);
+    if (stale) this.start(stale, { job, settle: () => {}, reject: () => {}, seq: 0 }, true);
+  }
+
+  private start(lane: Lane, next: Waiting, probe: boolean): void {
     const id = this.nextId++;
-    lane.running = { ...next, id, followers: [] };
+    const others = this.lanes.filter((l) => l.running);
+    for (const l of others) l.running!.alone = false;
+    lane.running = { ...next, id, followers: [], alone: others.length === 0, probe };
     const { kind: _kind, ...inputs } = next.job;
     const req: DecodeRequest = { type: "decode", id, ...inputs };
     lane.worker.postMessage(req satisfies WorkerRequest);
@@ -230,10 +277,14 @@ export class DecoderClient {
     const run = lane.running;
     if (!run || run.id !== id) return;
     lane.running = null;
+    if (out && run.alone) {
+      lane.ms = lane.ms === null ? out.decodeMs : (1 - SMOOTHING) * lane.ms + SMOOTHING * out.decodeMs;
+      lane.measuredAt = ++this.aloneCount;
+    }
     if (error) run.reject(error);
     else if (run.job.kind === "hover" && run.seq < this.shownHover) run.settle(null); // a newer preview is out
     else {
-      if (run.job.kind === "hover") this.shownHover = run.seq;
+      if (run.job.kind === "hover" && !run.probe) this.shownHover = run.seq;
       run.settle(out);
     }
     // Followers (a click on the hovered point) get the same output, or retry on error.

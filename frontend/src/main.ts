@@ -82,8 +82,9 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     numThreads: settings.numThreads,
     wasmPaths: "/ort/",
     style: settings.style,
-    // With two or more threads to use, a second one-thread worker decodes hover previews alongside.
-    hoverWorker: settings.hover && settings.hoverWorker && settings.backend === "wasm" && settings.numThreads >= 2,
+    // With two or more threads, a second one-thread worker decodes previews alongside the main one,
+    // and clicks too while it is the faster (see decoder_client.ts).
+    secondWorker: settings.secondWorker && settings.backend === "wasm" && settings.numThreads >= 2,
   });
   client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
   return client;
@@ -517,7 +518,7 @@ async function start(): Promise<void> {
       const status = `decoder: ${info.backend}${threads}${info.fastPath ? " · prepared fast path" : ""}`;
       view.setStatus(status);
       draw();
-      void decoder.hoverWorkerReady().then((on) => on && view.setStatus(`${status} · hover worker`));
+      void decoder.secondWorkerReady().then((on) => on && view.setStatus(`${status} + 1-thread worker`));
     })
     .catch(() => {
       /* onFatal has shown the message */

@@ -1,4 +1,4 @@
-/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hoverworker=0&fast=0|1). */
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&secondworker=0&fast=0|1). */
 import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
 
 export interface Settings {
@@ -11,8 +11,8 @@ export interface Settings {
   imageId: number | null;
   /** Hover previews (?hover=0 turns them off, e.g. to time clicks alone). */
   hover: boolean;
-  /** A second, one-thread decoder worker for hover previews when two or more threads are used (?hoverworker=0: none). */
-  hoverWorker: boolean;
+  /** A second, one-thread decoder worker when two or more threads are used (?secondworker=0: none). */
+  secondWorker: boolean;
   /** The two-graph fast path: forced on (?fast=1) or off (?fast=0); null: when the server lists it. */
   fastPath: boolean | null;
 }
@@ -31,7 +31,7 @@ export function readSettings(search: string, hardwareConcurrency: number, crossO
     decoderUrl: q.get("decoder"),
     imageId: image !== null && /^\d+$/.test(image) ? Number(image) : null,
     hover: q.get("hover") !== "0",
-    hoverWorker: q.get("hoverworker") !== "0",
+    secondWorker: q.get("secondworker") !== "0",
     fastPath: q.get("fast") === "1" ? true : q.get("fast") === "0" ? false : null,
   };
 }

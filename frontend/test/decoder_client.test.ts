@@ -25,10 +25,10 @@ class FakeWorker {
   decodes() {
     return this.sent.filter((m) => m.type === "decode") as Extract<WorkerRequest, { type: "decode" }>[];
   }
-  answer(id: number, mark = 0) {
+  answer(id: number, mark = 0, decodeMs = 1) {
     const z = new Float32Array(4).fill(mark);
     this.onmessage?.({
-      data: { type: "result", id, iou: z, areas: z, display: new Uint8Array(4), displayH: 1, displayW: 1, lowRes: new Float32Array(4), decodeMs: 1 },
+      data: { type: "result", id, iou: z, areas: z, display: new Uint8Array(4), displayH: 1, displayW: 1, lowRes: new Float32Array(4), decodeMs },
     });
   }
 }
@@ -95,80 +95,103 @@ describe("decoder client sharing", () => {
   });
 });
 
-describe("decoder client with a hover worker", () => {
-  /** A client whose one-thread hover worker is up and holds image 1's embedding. */
+describe("decoder client with a second worker", () => {
+  const tick = () => new Promise((r) => setTimeout(r, 0));
+
+  /** A client whose one-thread second worker is up and holds image 1's embedding. */
   async function twoWorkers() {
     vi.stubGlobal("Worker", FakeWorker);
-    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", hoverWorker: true });
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", secondWorker: true });
     await c.ready();
-    expect(await c.hoverWorkerReady()).toBe(true);
+    expect(await c.secondWorkerReady()).toBe(true);
     await c.setEmbedding(1, new ArrayBuffer(8));
-    await new Promise((r) => setTimeout(r, 0));
-    const [main, hover] = FakeWorker.all;
-    return { c, main, hover };
+    await tick();
+    const [main, second] = FakeWorker.all;
+    return { c, main, second };
   }
 
-  it("starts the hover worker with one thread and gives it its own copy of the embedding", async () => {
-    const { main, hover } = await twoWorkers();
-    const init = hover.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>;
-    expect(init.numThreads).toBe(1);
-    expect((main.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>).numThreads).toBe(2);
-    const embeddings = [main, hover].map((w) => w.sent.find((m) => m.type === "embedding") as Extract<WorkerRequest, { type: "embedding" }>);
+  it("starts the second worker with one thread and gives it its own copy of the embedding", async () => {
+    const { main, second } = await twoWorkers();
+    const init = (w: FakeWorker) => w.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>;
+    expect([init(main).numThreads, init(second).numThreads]).toEqual([2, 1]);
+    const embeddings = [main, second].map((w) => w.sent.find((m) => m.type === "embedding") as Extract<WorkerRequest, { type: "embedding" }>);
     expect(embeddings.map((m) => m.imageId)).toEqual([1, 1]);
     expect(embeddings[0].fp16).not.toBe(embeddings[1].fp16);
   });
 
-  it("decodes two hovers at once, the main worker first, and clicks only on the main worker", async () => {
-    const { c, main, hover } = await twoWorkers();
+  it("gives the second worker a new image only after the main one has it, and waits for it there", async () => {
+    const { c, main, second } = await twoWorkers();
+    void c.decode(job("hover", 1)); // keeps the main worker busy
+    const embedded = c.setEmbedding(2, new ArrayBuffer(8));
+    void c.decode({ ...job("hover", 6), imageId: 2 });
+    expect(second.sent.filter((m) => m.type === "embedding").length).toBe(1); // not yet: the main one prepares first
+    expect(second.decodes().length).toBe(0); // and it holds image 1 only
+    await embedded;
+    await tick();
+    expect(second.sent.filter((m) => m.type === "embedding").map((m) => (m as { imageId: number }).imageId)).toEqual([1, 2]);
+    expect(second.decodes().map((d) => [d.imageId, d.coords[0]])).toEqual([[2, 6]]);
+    expect(main.decodes().length).toBe(1);
+  });
+
+  it("decodes two hovers at once, one on each worker", async () => {
+    const { c, main, second } = await twoWorkers();
     void c.decode(job("hover", 1));
     void c.decode(job("hover", 2));
     expect(main.decodes().map((d) => d.coords[0])).toEqual([1]);
-    expect(hover.decodes().map((d) => d.coords[0])).toEqual([2]);
+    expect(second.decodes().map((d) => d.coords[0])).toEqual([2]);
     const waiting = c.decode(job("hover", 3));
     const click = c.decode(job("click", 9));
     expect(await waiting).toBeNull(); // a click drops the waiting hover
-    hover.answer(hover.decodes()[0].id);
+    second.answer(second.decodes()[0].id);
     await Promise.resolve();
-    expect(hover.decodes().length).toBe(1); // the click waits for the main worker
-    main.answer(main.decodes()[0].id);
-    await Promise.resolve();
-    expect(main.decodes().map((d) => d.coords[0])).toEqual([1, 9]);
-    main.answer(main.decodes()[1].id, 7);
+    expect(second.decodes().map((d) => d.coords[0])).toEqual([2, 9]); // the first idle worker takes the click
+    second.answer(second.decodes()[1].id, 7);
     expect((await click)!.iou[0]).toBe(7);
   });
 
   it("never delivers a preview older than one already shown", async () => {
-    const { c, main, hover } = await twoWorkers();
+    const { c, main, second } = await twoWorkers();
     const older = c.decode(job("hover", 1)); // on the main worker
-    const newer = c.decode(job("hover", 2)); // on the hover worker
-    hover.answer(hover.decodes()[0].id, 2);
+    const newer = c.decode(job("hover", 2)); // on the second worker
+    second.answer(second.decodes()[0].id, 2);
     expect((await newer)!.iou[0]).toBe(2);
     main.answer(main.decodes()[0].id, 1);
     expect(await older).toBeNull();
-    // and the next preview is delivered again
-    const next = c.decode(job("hover", 3));
-    main.answer(main.decodes()[1].id, 3);
+    const next = c.decode(job("hover", 3)); // and the next preview is delivered again
+    const sent = [...main.decodes(), ...second.decodes()].find((d) => d.coords[0] === 3)!;
+    (main.decodes().includes(sent) ? main : second).answer(sent.id, 3);
     expect((await next)!.iou[0]).toBe(3);
   });
 
-  it("sends hovers for a new image to the hover worker only once it holds that image", async () => {
-    const { c, main, hover } = await twoWorkers();
-    const embedded = c.setEmbedding(2, new ArrayBuffer(8));
-    void c.decode({ ...job("hover", 5), imageId: 2 }); // main
-    void c.decode({ ...job("hover", 6), imageId: 2 }); // waits: the hover worker has not confirmed image 2
-    expect(hover.decodes().length).toBe(0);
-    expect(main.decodes().length).toBe(1);
-    await embedded;
-    await new Promise((r) => setTimeout(r, 0));
-    expect(hover.decodes().map((d) => [d.imageId, d.coords[0]])).toEqual([[2, 6]]);
+  it("learns which worker is faster alone (probing the other in the background) and sends clicks there", async () => {
+    const { c, main, second } = await twoWorkers();
+    const first = c.decode(job("click", 1));
+    expect(main.decodes().length).toBe(1); // unmeasured: the main worker first
+    main.answer(main.decodes()[0].id, 1, 100);
+    expect(await first).not.toBeNull();
+    // Both idle, the second worker never measured: it decodes the latest job again, for nobody.
+    expect(second.decodes().map((d) => d.coords[0])).toEqual([1]);
+    const click = c.decode(job("click", 2)); // meanwhile a click takes the idle main worker
+    expect(main.decodes().map((d) => d.coords[0])).toEqual([1, 2]);
+    main.answer(main.decodes()[1].id, 2, 100);
+    expect((await click)!.iou[0]).toBe(2);
+    second.answer(second.decodes()[0].id, 0, 40); // the probe ran alongside a click: not a measurement
+    await tick();
+    expect(second.decodes().length).toBe(2); // so it is probed again, now alone
+    second.answer(second.decodes()[1].id, 0, 40);
+    await tick();
+    const fast = c.decode(job("click", 3));
+    expect(second.decodes().map((d) => d.coords[0])).toEqual([1, 2, 3]);
+    second.answer(second.decodes()[2].id, 3, 40);
+    expect((await fast)!.iou[0]).toBe(3);
   });
 
-  it("a click shares the output of a hover running on the hover worker for the same point", async () => {
-    const { c, main, hover } = await twoWorkers();
+  it("a click shares the output of a hover running on the second worker for the same point", async () => {
+    const { c, main, second } = await twoWorkers();
     void c.decode(job("hover", 1)); // main
-    const h = c.decode(job("hover", 4)); // hover worker
+    const h = c.decode(job("hover", 4)); // second
     const k = c.decode(job("click", 4));
-    hover.answer(hover.decodes()[0].id);
+    second.answer(second.decodes()[0].id);
     const [ho, ko] = await Promise.all([h, k]);
     expect(ko).toBe(ho);
     expect(main.decodes().length).toBe(1);
@@ -178,7 +201,7 @@ describe("decoder client with a hover worker", () => {
     vi.stubGlobal("Worker", FakeWorker);
     const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask" });
     await c.ready();
-    expect(await c.hoverWorkerReady()).toBe(false);
+    expect(await c.secondWorkerReady()).toBe(false);
     expect(FakeWorker.all.length).toBe(1);
   });
 });

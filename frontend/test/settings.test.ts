@@ -9,9 +9,9 @@ describe("page settings", () => {
     expect(readSettings("?threads=2", 4, false).numThreads).toBe(1);
   });
 
-  it("has hover previews and their worker on unless the URL turns them off", () => {
-    expect(readSettings("", 2, true)).toMatchObject({ hover: true, hoverWorker: true });
-    expect(readSettings("?hoverworker=0", 2, true)).toMatchObject({ hover: true, hoverWorker: false });
+  it("has hover previews and the second worker on unless the URL turns them off", () => {
+    expect(readSettings("", 2, true)).toMatchObject({ hover: true, secondWorker: true });
+    expect(readSettings("?secondworker=0", 2, true)).toMatchObject({ hover: true, secondWorker: false });
     expect(readSettings("?hover=0", 2, true).hover).toBe(false);
   });
 });
