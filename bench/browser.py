@@ -188,11 +188,18 @@ class Session:
         before = self.count("click")
         self.page.mouse.click(*self.client(fx, fy))
         self.page.wait_for_function(f"window.__trimaskTimings.click.length > {before}", timeout=600_000)
+        self.wait_idle()
+
+    def wait_idle(self) -> None:
+        """Until no decode runs in the page (a background probe included), so the next page's
+        interaction never shares the cores with this one's work."""
+        self.page.wait_for_function("!window.__trimaskTimings.busy", timeout=600_000)
 
     def hover_once(self, fx: float, fy: float) -> None:
         before = self.count("hover")
         self.page.mouse.move(*self.client(fx, fy))
         self.page.wait_for_function(f"window.__trimaskTimings.hover.length > {before}", timeout=600_000)
+        self.wait_idle()
 
     def switch_back_ms(self, index: int, count: int) -> float:
         """To the neighbouring image and back (arrow keys): ms from choosing this image again to ready."""
@@ -219,7 +226,9 @@ class Session:
             i += 1
             time.sleep(0.01)
         elapsed = time.monotonic() - t0
-        return (self.count("hover") - before) / elapsed
+        rate = (self.count("hover") - before) / elapsed
+        self.wait_idle()
+        return rate
 
     def close(self) -> None:
         if self.errors:

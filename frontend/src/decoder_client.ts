@@ -62,7 +62,10 @@ interface Running extends Waiting {
 
 /** Weight of the newest alone-decode in a worker's average time. */
 const SMOOTHING = 0.3;
-/** A worker not measured alone during this many alone-decodes (of any worker) is probed again. */
+/**
+ * A worker not measured alone during this many alone-decodes (of any worker) is probed again,
+ * and at most one probe runs per this many decodes (in a stream of hovers nothing runs alone).
+ */
 const STALE_AFTER = 12;
 
 /** One worker and what it holds. */
@@ -92,6 +95,8 @@ export class DecoderClient {
   /** seq of the newest hover preview delivered. */
   private shownHover = 0;
   private aloneCount = 0;
+  private decodeCount = 0;
+  private lastProbe = -Infinity;
   private waiting: { click: Waiting | null; hover: Waiting | null } = { click: null, hover: null };
   /** The latest real job, replayed by probes. */
   private lastJob: DecodeJob | null = null;
@@ -102,6 +107,8 @@ export class DecoderClient {
   private embedding: { imageId: number; fp16: ArrayBuffer } | null = null;
   /** Set when init or an embedding fails; shown to the user by the controller. */
   onFatal: (message: string) => void = () => {};
+  /** Told how many decodes (probes included) run, at each start and end (for the benchmark). */
+  onBusy: (running: number) => void = () => {};
 
   constructor(private options: DecoderOptions) {
     let resolveReady!: (v: ReadyInfo) => void;
@@ -259,8 +266,11 @@ export class DecoderClient {
   private probe(): void {
     const job = this.lastJob;
     if (!job || this.lanes.length < 2 || this.waiting.click || this.waiting.hover || this.lanes.some((l) => l.running)) return;
+    if (this.decodeCount - this.lastProbe < STALE_AFTER) return;
     const stale = this.lanes.find((l) => l.ready && l.imageId === job.imageId && this.aloneCount - l.measuredAt >= STALE_AFTER);
-    if (stale) this.start(stale, { job, settle: () => {}, reject: () => {}, seq: 0 }, true);
+    if (!stale) return;
+    this.lastProbe = this.decodeCount;
+    this.start(stale, { job, settle: () => {}, reject: () => {}, seq: 0 }, true);
   }
 
   private start(lane: Lane, next: Waiting, probe: boolean): void {
@@ -271,12 +281,14 @@ export class DecoderClient {
     const { kind: _kind, ...inputs } = next.job;
     const req: DecodeRequest = { type: "decode", id, ...inputs };
     lane.worker.postMessage(req satisfies WorkerRequest);
+    this.onBusy(this.lanes.filter((l) => l.running).length);
   }
 
   private finish(lane: Lane, id: number, out: DecodeResult | null, error: Error | null): void {
     const run = lane.running;
     if (!run || run.id !== id) return;
     lane.running = null;
+    this.decodeCount++;
     if (out && run.alone) {
       lane.ms = lane.ms === null ? out.decodeMs : (1 - SMOOTHING) * lane.ms + SMOOTHING * out.decodeMs;
       lane.measuredAt = ++this.aloneCount;
@@ -290,6 +302,7 @@ export class DecoderClient {
     // Followers (a click on the hovered point) get the same output, or retry on error.
     for (const f of run.followers) f(error ? null : out);
     this.pump();
+    this.onBusy(this.lanes.filter((l) => l.running).length);
   }
 }
 

@@ -87,6 +87,7 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     secondWorker: settings.secondWorker && settings.backend === "wasm" && settings.numThreads >= 2,
   });
   client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
+  client.onBusy = (running) => (timings.busy = running);
   return client;
 }
 

@@ -2,13 +2,15 @@
  * Debug hook for the benchmark and for curious users: window.__trimaskTimings
  * collects milliseconds per interaction (click: input event -> three candidates
  * drawn; hover: pointer move -> preview drawn; open: image chosen -> ready;
- * decode: time inside the worker's session.run).
+ * decode: time inside the worker's session.run; busy: decodes running now, background
+ * probes included, so a benchmark can wait for the page to be idle).
  */
 export interface Timings {
   click: number[];
   hover: number[];
   open: number[];
   decode: number[];
+  busy: number;
 }
 
 declare global {
@@ -18,7 +20,7 @@ declare global {
 }
 
 export function installTimings(): Timings {
-  const timings: Timings = { click: [], hover: [], open: [], decode: [] };
+  const timings: Timings = { click: [], hover: [], open: [], decode: [], busy: 0 };
   window.__trimaskTimings = timings;
   return timings;
 }

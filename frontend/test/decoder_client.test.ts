@@ -165,25 +165,42 @@ describe("decoder client with a second worker", () => {
 
   it("learns which worker is faster alone (probing the other in the background) and sends clicks there", async () => {
     const { c, main, second } = await twoWorkers();
+    const busy: number[] = [];
+    c.onBusy = (n) => busy.push(n);
     const first = c.decode(job("click", 1));
     expect(main.decodes().length).toBe(1); // unmeasured: the main worker first
     main.answer(main.decodes()[0].id, 1, 100);
     expect(await first).not.toBeNull();
     // Both idle, the second worker never measured: it decodes the latest job again, for nobody.
     expect(second.decodes().map((d) => d.coords[0])).toEqual([1]);
-    const click = c.decode(job("click", 2)); // meanwhile a click takes the idle main worker
+    second.answer(second.decodes()[0].id, 0, 40);
+    await tick();
+    expect(busy.at(-1)).toBe(0); // idle again once the probe is done
+    expect(Math.max(...busy)).toBe(1); // the probe waited for the click
+    const fast = c.decode(job("click", 2));
+    expect(second.decodes().map((d) => d.coords[0])).toEqual([1, 2]);
+    expect(main.decodes().length).toBe(1);
+    second.answer(second.decodes()[1].id, 2, 40);
+    expect((await fast)!.iou[0]).toBe(2);
+  });
+
+  it("a click during a probe takes the other idle worker, and the probe then measures nothing", async () => {
+    const { c, main, second } = await twoWorkers();
+    const first = c.decode(job("click", 1));
+    main.answer(main.decodes()[0].id, 1, 100);
+    await first;
+    expect(second.decodes().length).toBe(1); // the probe
+    const click = c.decode(job("click", 2));
     expect(main.decodes().map((d) => d.coords[0])).toEqual([1, 2]);
+    second.answer(second.decodes()[0].id, 0, 40); // ran alongside the click: not alone
     main.answer(main.decodes()[1].id, 2, 100);
     expect((await click)!.iou[0]).toBe(2);
-    second.answer(second.decodes()[0].id, 0, 40); // the probe ran alongside a click: not a measurement
     await tick();
-    expect(second.decodes().length).toBe(2); // so it is probed again, now alone
-    second.answer(second.decodes()[1].id, 0, 40);
-    await tick();
-    const fast = c.decode(job("click", 3));
-    expect(second.decodes().map((d) => d.coords[0])).toEqual([1, 2, 3]);
-    second.answer(second.decodes()[2].id, 3, 40);
-    expect((await fast)!.iou[0]).toBe(3);
+    const next = c.decode(job("click", 3)); // the second worker is still unmeasured: the main one again
+    expect(main.decodes().map((d) => d.coords[0])).toEqual([1, 2, 3]);
+    expect(second.decodes().length).toBe(1); // and no new probe before 12 more decodes
+    main.answer(main.decodes()[2].id, 3, 100);
+    expect((await next)!.iou[0]).toBe(3);
   });
 
   it("a click shares the output of a hover running on the second worker for the same point", async () => {
