@@ -9,9 +9,10 @@
  * that finishes after a newer one was delivered is dropped (resolved null). A job
  * goes to the idle worker that has lately been the faster one: on an idle machine
  * that is the main worker, but when other work holds a core, one thread beats two
- * (the threads of one decode wait for each other). Each worker's time is learnt
- * from the decodes it ran alone, and a worker not measured lately gets one
- * background decode (a probe) when both are idle.
+ * (the threads of one decode wait for each other). Each worker's time is the
+ * median of its latest decodes that ran alone (its first, cold one left out), and
+ * a worker not measured lately gets a background decode (a probe) when both are
+ * idle.
  */
 import type { DecodeOutput } from "./session";
 import type { DecodeRequest, DecoderStyle, ExecutionBackend, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
@@ -60,13 +61,15 @@ interface Running extends Waiting {
   probe: boolean;
 }
 
-/** Weight of the newest alone-decode in a worker's average time. */
-const SMOOTHING = 0.3;
+/** A worker's time: the median of its latest alone-decodes, this many. */
+const SAMPLES = 3;
 /**
  * A worker not measured alone during this many alone-decodes (of any worker) is probed again,
- * and at most one probe runs per this many decodes (in a stream of hovers nothing runs alone).
+ * and at most one probe runs per this many decodes (in a stream of hovers nothing runs alone);
+ * a worker with fewer than two samples is probed after two decodes.
  */
 const STALE_AFTER = 12;
+const FIRST_PROBES_AFTER = 2;
 
 /** One worker and what it holds. */
 class Lane {
@@ -74,9 +77,17 @@ class Lane {
   /** The image whose embedding this worker holds (confirmed by the worker). */
   imageId = -1;
   ready = false;
-  /** Average ms of its decodes run alone, and the alone-decode count when it was last measured. */
-  ms: number | null = null;
+  /** Its latest alone-decode times (ms; the first decode, cold, left out) and the alone-decode count when last measured. */
+  samples: number[] = [];
   measuredAt = -Infinity;
+  decodes = 0;
+
+  /** Typical ms of a decode run alone, or null before any sample. */
+  get ms(): number | null {
+    if (!this.samples.length) return null;
+    const sorted = [...this.samples].sort((a, b) => a - b);
+    return sorted[Math.floor(sorted.length / 2)];
+  }
 
   constructor(
     readonly worker: Worker,
@@ -266,8 +277,11 @@ export class DecoderClient {
   private probe(): void {
     const job = this.lastJob;
     if (!job || this.lanes.length < 2 || this.waiting.click || this.waiting.hover || this.lanes.some((l) => l.running)) return;
-    if (this.decodeCount - this.lastProbe < STALE_AFTER) return;
-    const stale = this.lanes.find((l) => l.ready && l.imageId === job.imageId && this.aloneCount - l.measuredAt >= STALE_AFTER);
+    const since = this.decodeCount - this.lastProbe;
+    const candidates = this.lanes.filter((l) => l.ready && l.imageId === job.imageId);
+    const stale =
+      candidates.find((l) => l.samples.length < 2 && since >= FIRST_PROBES_AFTER) ??
+      candidates.find((l) => this.aloneCount - l.measuredAt >= STALE_AFTER && since >= STALE_AFTER);
     if (!stale) return;
     this.lastProbe = this.decodeCount;
     this.start(stale, { job, settle: () => {}, reject: () => {}, seq: 0 }, true);
@@ -289,10 +303,11 @@ export class DecoderClient {
     if (!run || run.id !== id) return;
     lane.running = null;
     this.decodeCount++;
-    if (out && run.alone) {
-      lane.ms = lane.ms === null ? out.decodeMs : (1 - SMOOTHING) * lane.ms + SMOOTHING * out.decodeMs;
+    if (out && run.alone && lane.decodes > 0) {
+      lane.samples = [...lane.samples, out.decodeMs].slice(-SAMPLES);
       lane.measuredAt = ++this.aloneCount;
     }
+    lane.decodes++;
     if (error) run.reject(error);
     else if (run.job.kind === "hover" && run.seq < this.shownHover) run.settle(null); // a newer preview is out
     else {
