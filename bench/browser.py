@@ -22,9 +22,10 @@ helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 thre
 on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
 
 With 2 threads trimask's page runs a second, one-thread decoder worker beside the main one
-(hover previews two at a time; each job on the worker that has lately been faster alone, see
-frontend/src/decoder_client.ts); "fast1w" times the fast path without it, and the official
-style always runs as a plain page would: one worker with all the threads.
+(each decode on the worker lately faster: one thread beats two when other work holds a core;
+see frontend/src/decoder_client.ts); "fast1w" times the fast path without it, and the official
+style always runs as a plain page would: one worker with all the threads. After each click or
+hover the benchmark waits until the page decodes nothing (its background probes included).
 
     .venv/bin/python bench/browser.py [--clicks 15] [--hovers 15]
 """

@@ -425,9 +425,9 @@ def test_click_shows_three_levels_and_each_saved_mask_equals_python_decoder(anno
 
 
 def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_mask(annotator, server, python_decoder, images):
-    """With two threads a second, one-thread worker decodes alongside the main one: the preview
-    left showing is the last pointer position's (never an older one arriving late), and clicking
-    there saves the mask Python's decoder gives for that point."""
+    """With two threads a second, one-thread worker stands beside the main one (each decode on the
+    one lately faster): the preview left showing is the last pointer position's (no stale decode
+    queued, none arriving late), and clicking there saves the mask Python's decoder gives."""
     a = annotator
     record = server["images"]["shapes"]
     start = len(a.server_annotations(record["id"]))

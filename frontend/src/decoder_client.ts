@@ -1,18 +1,18 @@
 /**
- * The page's side of the decoder workers. Each worker runs one decode at a time;
- * while they run, newer requests replace older waiting ones (latest wins), so a
- * moving mouse never builds a queue of stale hover decodes and a click never
- * waits behind them.
+ * The page's side of the decoder workers. One decode runs at a time; while it
+ * runs, newer requests replace older waiting ones (latest wins), so a moving
+ * mouse never builds a queue of stale hover decodes and a click never waits
+ * behind them.
  *
- * Optionally a second, one-thread worker runs beside the main one (which has all
- * the threads). Hover previews then decode two at a time, on two cores; a preview
- * that finishes after a newer one was delivered is dropped (resolved null). A job
- * goes to the idle worker that has lately been the faster one: on an idle machine
- * that is the main worker, but when other work holds a core, one thread beats two
- * (the threads of one decode wait for each other). Each worker's time is the
- * median of its latest decodes that ran alone (its first, cold one left out), and
- * a worker not measured lately gets a background decode (a probe) when both are
- * idle.
+ * Optionally a second, one-thread worker stands beside the main one (which has
+ * all the threads), and each job goes to the one that has lately been faster: on
+ * an idle machine the main one, but when other work holds a core one thread beats
+ * two (the threads of one decode wait for each other), by up to 2x here. A
+ * worker's time is the median of its latest decodes (its first, cold one left
+ * out); a worker not measured lately gets a background decode (a probe) while
+ * all is idle, which a click or hover never waits for: it takes the other worker.
+ * The two never decode real jobs at once: a two-thread and a one-thread decode
+ * side by side slow each other down more than they gain (measured).
  */
 import type { DecodeOutput } from "./session";
 import type { DecodeRequest, DecoderStyle, ExecutionBackend, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
@@ -49,8 +49,6 @@ interface Waiting {
   job: DecodeJob;
   settle: Settle;
   reject: (e: Error) => void;
-  /** Hover order: a preview older than one already delivered is never shown. */
-  seq: number;
 }
 
 interface Running extends Waiting {
@@ -64,9 +62,8 @@ interface Running extends Waiting {
 /** A worker's time: the median of its latest alone-decodes, this many. */
 const SAMPLES = 3;
 /**
- * A worker not measured alone during this many alone-decodes (of any worker) is probed again,
- * and at most one probe runs per this many decodes (in a stream of hovers nothing runs alone);
- * a worker with fewer than two samples is probed after two decodes.
+ * A worker not measured during this many measured decodes (of any worker) is probed again, at
+ * most one probe per this many decodes; a worker with fewer than two samples, after two decodes.
  */
 const STALE_AFTER = 12;
 const FIRST_PROBES_AFTER = 2;
@@ -102,9 +99,6 @@ function newWorker(): Worker {
 export class DecoderClient {
   private lanes: Lane[] = [];
   private nextId = 1;
-  private hoverSeq = 0;
-  /** seq of the newest hover preview delivered. */
-  private shownHover = 0;
   private aloneCount = 0;
   private decodeCount = 0;
   private lastProbe = -Infinity;
@@ -176,7 +170,7 @@ export class DecoderClient {
         }
       }
       this.waiting[job.kind]?.settle(null);
-      this.waiting[job.kind] = { job, settle, reject, seq: job.kind === "hover" ? ++this.hoverSeq : 0 };
+      this.waiting[job.kind] = { job, settle, reject };
       if (job.kind === "click") this.cancelHover();
       this.pump();
     });
@@ -254,6 +248,7 @@ export class DecoderClient {
   }
 
   private pump(): void {
+    if (this.lanes.some((l) => l.running && !l.running.probe)) return; // one real decode at a time
     const click = this.waiting.click;
     if (click) {
       const lane = this.idleFor(click.job.imageId)[0];
@@ -263,7 +258,7 @@ export class DecoderClient {
       }
     }
     const hover = this.waiting.hover;
-    if (hover && !this.waiting.click) {
+    if (hover && !this.waiting.click && !this.lanes.some((l) => l.running && !l.running.probe)) {
       const lane = this.idleFor(hover.job.imageId)[0];
       if (lane) {
         this.waiting.hover = null;
@@ -284,7 +279,7 @@ export class DecoderClient {
       candidates.find((l) => this.aloneCount - l.measuredAt >= STALE_AFTER && since >= STALE_AFTER);
     if (!stale) return;
     this.lastProbe = this.decodeCount;
-    this.start(stale, { job, settle: () => {}, reject: () => {}, seq: 0 }, true);
+    this.start(stale, { job, settle: () => {}, reject: () => {} }, true);
   }
 
   private start(lane: Lane, next: Waiting, probe: boolean): void {
@@ -309,11 +304,7 @@ export class DecoderClient {
     }
     lane.decodes++;
     if (error) run.reject(error);
-    else if (run.job.kind === "hover" && run.seq < this.shownHover) run.settle(null); // a newer preview is out
-    else {
-      if (run.job.kind === "hover" && !run.probe) this.shownHover = run.seq;
-      run.settle(out);
-    }
+    else run.settle(out);
     // Followers (a click on the hovered point) get the same output, or retry on error.
     for (const f of run.followers) f(error ? null : out);
     this.pump();
