@@ -256,7 +256,8 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", files) for name, q in decoders.items()}
     wait_for_second_worker(pages, threads)
     rng = np.random.default_rng(0)
-    warmup = 2
+    # The browser optimizes a worker's WASM code only after its first decodes (up to 3x slower).
+    warmup = 5
     for _ in range(args.clicks + warmup):
         fx, fy = rng.uniform(0.15, 0.85, 2)
         for s in pages.values():

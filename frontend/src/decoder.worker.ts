@@ -56,10 +56,24 @@ async function init(req: InitRequest): Promise<void> {
   // With the fast path every prompt runs the prepared graph; decoder.onnx is loaded only without it.
   if (req.fastPath && style === "trimask") await loadFastPath(req.fastPath, options);
   if (!preparedSession) session = await ort.InferenceSession.create(await download(req.modelUrl), options);
+  if (req.warmUp) await warmUp(req.warmUp);
   // onnxruntime-web falls back to one thread (with a console warning) when the page is not
   // cross-origin isolated; report the count it really uses. Its builds all need WASM SIMD.
   const numThreads = backend === "wasm" ? (ort.env.wasm.numThreads ?? req.numThreads) : req.numThreads;
   post({ type: "ready", backend, numThreads, fastPath: preparedSession !== null });
+}
+
+/** Runs the per-click graph `times` on a zero embedding and one point, so its code gets optimized. */
+async function warmUp(times: number): Promise<void> {
+  await setEmbedding(-1, new ArrayBuffer(2 * EMBEDDING_DIMS.reduce((a, b) => a * b, 1)), false);
+  for (let i = 0; i < times; i++) {
+    const coords = new Float32Array([100 + 100 * i, 500, 0, 0]);
+    const request: DecodeRequest = { type: "decode", id: -1, imageId: -1, coords, labels: new Float32Array([1, -1]), maskInput: null, origHw: [1024, 1024] };
+    await decode(request, false);
+  }
+  embedding = null;
+  prepared = null;
+  embeddingImageId = -1;
 }
 
 async function download(url: string): Promise<Uint8Array> {
@@ -86,11 +100,11 @@ async function loadFastPath(urls: { prepareUrl: string; preparedUrl: string }, o
   }
 }
 
-async function setEmbedding(imageId: number, fp16: ArrayBuffer): Promise<void> {
+async function setEmbedding(imageId: number, fp16: ArrayBuffer, announce = true): Promise<void> {
   embedding = new ort.Tensor("float32", float16ToFloat32(fp16), EMBEDDING_DIMS);
   embeddingImageId = imageId;
   prepared = prepareSession ? await prepareSession.run({ image_embeddings: embedding }) : null;
-  post({ type: "embedding-ready", imageId });
+  if (announce) post({ type: "embedding-ready", imageId });
 }
 
 /** Official export style: threshold the four full-resolution logit maps here, as SAM's demo does. */
@@ -113,7 +127,7 @@ function officialOutputs(masks: ortWasm.Tensor): { display: Uint8Array; areas: F
   return { display, areas, h, w };
 }
 
-async function decode(req: DecodeRequest): Promise<void> {
+async function decode(req: DecodeRequest, reply = true): Promise<void> {
   if (!session && !preparedSession) throw new Error("the decoder is not loaded");
   if (!embedding || embeddingImageId !== req.imageId) throw new Error("no embedding for this image");
   const t0 = performance.now();
@@ -132,7 +146,7 @@ async function decode(req: DecodeRequest): Promise<void> {
     const iou = out.iou_predictions.data as Float32Array;
     const lowRes = owned(out.low_res_masks.data as Float32Array);
     const msg: WorkerMessage = { type: "result", id: req.id, iou, areas, display, displayH: h, displayW: w, lowRes, decodeMs: performance.now() - t0 };
-    post(msg, [display.buffer, lowRes.buffer]);
+    if (reply) post(msg, [display.buffer, lowRes.buffer]);
     return;
   }
   const names = ["iou_predictions", "low_res_masks", "display_masks", "areas"];
@@ -161,7 +175,7 @@ async function decode(req: DecodeRequest): Promise<void> {
     lowRes,
     decodeMs: performance.now() - t0,
   };
-  post(msg, [display.buffer, lowRes.buffer]);
+  if (reply) post(msg, [display.buffer, lowRes.buffer]);
 }
 
 self.onmessage = async (event: MessageEvent<WorkerRequest>) => {

@@ -8,8 +8,8 @@
  * all the threads), and each job goes to the one that has lately been faster: on
  * an idle machine the main one, but when other work holds a core one thread beats
  * two (the threads of one decode wait for each other), by up to 2x here. A
- * worker's time is the median of its latest decodes (its first, cold one left
- * out); a worker not measured lately gets a background decode (a probe) while
+ * worker's time is the median of its latest decodes (warmed up: see WARM_UP);
+ * a worker not measured lately gets a background decode (a probe) while
  * all is idle, which a click or hover never waits for: it takes the other worker.
  * The two never decode real jobs at once: a two-thread and a one-thread decode
  * side by side slow each other down more than they gain (measured).
@@ -67,6 +67,11 @@ const SAMPLES = 3;
  */
 const STALE_AFTER = 12;
 const FIRST_PROBES_AFTER = 2;
+/**
+ * A worker's first decodes run code the browser has not optimized yet (up to 3x slower): the
+ * second worker runs this many before it is ready, the main one's first this many are not samples.
+ */
+const WARM_UP = 4;
 
 /** One worker and what it holds. */
 class Lane {
@@ -74,7 +79,7 @@ class Lane {
   /** The image whose embedding this worker holds (confirmed by the worker). */
   imageId = -1;
   ready = false;
-  /** Its latest alone-decode times (ms; the first decode, cold, left out) and the alone-decode count when last measured. */
+  /** Its latest alone-decode times (ms, warmed up) and the alone-decode count when last measured; its decodes so far. */
   samples: number[] = [];
   measuredAt = -Infinity;
   decodes = 0;
@@ -223,7 +228,8 @@ export class DecoderClient {
           resolve(false);
         },
       });
-      lane.worker.postMessage({ type: "init", ...this.options, numThreads: 1 } satisfies WorkerRequest);
+      // Warmed up before it reports ready (in the background), so its first decodes already measure it.
+      lane.worker.postMessage({ type: "init", ...this.options, numThreads: 1, warmUp: WARM_UP } satisfies WorkerRequest);
     });
   }
 
@@ -298,7 +304,7 @@ export class DecoderClient {
     if (!run || run.id !== id) return;
     lane.running = null;
     this.decodeCount++;
-    if (out && run.alone && lane.decodes > 0) {
+    if (out && run.alone && lane.decodes >= (lane.main ? WARM_UP : 0)) {
       lane.samples = [...lane.samples, out.decodeMs].slice(-SAMPLES);
       lane.measuredAt = ++this.aloneCount;
     }

@@ -21,6 +21,12 @@ export interface InitRequest {
    * for every prompt, mask input included); used only if both load and have the expected inputs/outputs.
    */
   fastPath: { prepareUrl: string; preparedUrl: string } | null;
+  /**
+   * Decodes of a made-up prompt to run before reporting ready: the browser compiles WASM
+   * first with a quick compiler and only later with the optimizing one, so the first few
+   * decodes of a worker are up to 3x slower (measured). 0 or absent: none.
+   */
+  warmUp?: number;
 }
 
 export interface EmbeddingRequest {
