@@ -79,6 +79,8 @@ class Lane {
   /** The image whose embedding this worker holds (confirmed by the worker). */
   imageId = -1;
   ready = false;
+  /** Between handing it an embedding and its confirmation: it computes the per-image tensors. */
+  preparing = false;
   /** Its latest alone-decode times (ms, warmed up) and the alone-decode count when last measured; its decodes so far. */
   samples: number[] = [];
   measuredAt = -Infinity;
@@ -117,7 +119,7 @@ export class DecoderClient {
   private embedding: { imageId: number; fp16: ArrayBuffer } | null = null;
   /** Set when init or an embedding fails; shown to the user by the controller. */
   onFatal: (message: string) => void = () => {};
-  /** Told how many decodes (probes included) run, at each start and end (for the benchmark). */
+  /** Told how many workers are busy (decoding, probes included, or preparing an image) at each change (for the benchmark). */
   onBusy: (running: number) => void = () => {};
 
   constructor(private options: DecoderOptions) {
@@ -197,6 +199,8 @@ export class DecoderClient {
         on.ready({ backend: msg.backend, numThreads: msg.numThreads, fastPath: msg.fastPath });
       } else if (msg.type === "embedding-ready") {
         lane.imageId = msg.imageId;
+        lane.preparing = false;
+        this.onBusy(this.busyCount());
         if (lane.main) {
           this.embeddingWaiters.get(msg.imageId)?.();
           this.embeddingWaiters.delete(msg.imageId);
@@ -237,6 +241,9 @@ export class DecoderClient {
     if (!this.embedding) return;
     const { imageId, fp16 } = this.embedding;
     lane.imageId = -1; // until the worker confirms this image
+    lane.preparing = true; // work beside any decode: that decode measures nothing
+    for (const l of this.lanes) if (l.running) l.running.alone = false;
+    this.onBusy(this.busyCount());
     const copy = fp16.slice(0);
     lane.worker.postMessage({ type: "embedding", imageId, fp16: copy } satisfies WorkerRequest, [copy]);
   }
@@ -277,7 +284,8 @@ export class DecoderClient {
   /** With every worker idle and nothing waiting, decodes the latest job again on a worker not measured lately. */
   private probe(): void {
     const job = this.lastJob;
-    if (!job || this.lanes.length < 2 || this.waiting.click || this.waiting.hover || this.lanes.some((l) => l.running)) return;
+    if (!job || this.lanes.length < 2 || this.waiting.click || this.waiting.hover) return;
+    if (this.lanes.some((l) => l.running || l.preparing)) return;
     const since = this.decodeCount - this.lastProbe;
     const candidates = this.lanes.filter((l) => l.ready && l.imageId === job.imageId);
     const stale =
@@ -290,13 +298,18 @@ export class DecoderClient {
 
   private start(lane: Lane, next: Waiting, probe: boolean): void {
     const id = this.nextId++;
-    const others = this.lanes.filter((l) => l.running);
-    for (const l of others) l.running!.alone = false;
+    const others = this.lanes.filter((l) => l.running || l.preparing);
+    for (const l of others) if (l.running) l.running.alone = false;
     lane.running = { ...next, id, followers: [], alone: others.length === 0, probe };
     const { kind: _kind, ...inputs } = next.job;
     const req: DecodeRequest = { type: "decode", id, ...inputs };
     lane.worker.postMessage(req satisfies WorkerRequest);
-    this.onBusy(this.lanes.filter((l) => l.running).length);
+    this.onBusy(this.busyCount());
+  }
+
+  /** Decodes running (probes included) and workers preparing an image. */
+  private busyCount(): number {
+    return this.lanes.filter((l) => l.running || l.preparing).length;
   }
 
   private finish(lane: Lane, id: number, out: DecodeResult | null, error: Error | null): void {
@@ -314,7 +327,7 @@ export class DecoderClient {
     // Followers (a click on the hovered point) get the same output, or retry on error.
     for (const f of run.followers) f(error ? null : out);
     this.pump();
-    this.onBusy(this.lanes.filter((l) => l.running).length);
+    this.onBusy(this.busyCount());
   }
 }
 
