@@ -62,12 +62,17 @@ Per click, ``decoder_prepared.onnx``: ``decoder.onnx``'s inputs without
 ``image_embeddings`` (mask input included, so refinement clicks take this path
 too) plus those tensors -> exactly ``decoder.onnx``'s outputs (same names,
 shapes, meaning; the display outputs are ``DecoderOnnx.with_display``'s).
-Left per click for one point (7 tokens): about 0.6 G multiply-adds instead of
-1.74 G, the largest pieces the upscaling's low-rank term (4096 x 117 x 256),
-the second transposed convolution (134 M, which a GELU separates from anything
-per image) and the two materialized layers, plus elementwise work on
-4096 x 256 and 16384 x 64. The low-rank form loses its edge once
-heads*(tokens-1) passes 128 (more than 12 points): still exact, no longer cheaper.
+Left per click for one point (7 tokens): about 0.55 G multiply-adds instead of
+1.74 G, the largest pieces the upscaling's low-rank term (4096 x 101 x 256;
+117 with a mask input: without one its 16 channels drop out of every low-rank
+product, see ``embed_image``), the second transposed convolution (134 M, which
+a GELU separates from anything per image) and the two materialized layers, plus
+elementwise work on 4096 x 256 and 16384 x 64. The image tokens' LayerNorms are
+plain ops on statistics the factored form needs anyway (``_centre_and_spread``;
+onnxruntime-web's LayerNormalization kernel is twice as slow), and the
+upscaling's LayerNorm2d needs no mean (``_centred_upscaling``). The low-rank
+form loses its edge once heads*(tokens-1) passes 128 (more than 12 points):
+still exact, no longer cheaper.
 
 The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
@@ -76,7 +81,13 @@ Measured (vit_b weights, 200 clicks at 1024 x 1536, CPU time on one thread,
 ``bench/decoder.py``): 36 ms per click against 56 ms for ``decoder.onnx`` and
 76 ms for the official export style (0.48x); ``decoder_prepare.onnx`` 40 ms
 once per image. In onnxruntime-web (``bench/browser.py``, Chromium, WASM, one
-thread, tiny model) a click decodes in 107 ms against 184 ms. The quantized
+thread, tiny model) a click decodes in 107 ms against 184 ms; with the changes
+above (Node's WASM, one thread, same run) 88 ms against 105 ms. Where those 88 ms
+go (time to cut points of the graph): each two-way layer about 20, the final
+attention and the upscaling's low-rank term 9, the first LayerNorm2d and GELU 7,
+the second transposed convolution 12 and its GELU 9, the hypernetwork product
+and display outputs 11; about 4 of it is onnxruntime-web copying the 25 MB of
+per-image tensors into the WASM heap, which it does on every run. The quantized
 click graph is no faster (its remaining weight products are small) but 7.8 MB
 instead of 22.9 MB (which includes 6 MB of positional-term constants).
 """
