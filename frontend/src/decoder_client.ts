@@ -69,9 +69,11 @@ const STALE_AFTER = 12;
 const FIRST_PROBES_AFTER = 2;
 /**
  * A worker's first decodes run code the browser has not optimized yet (up to 3x slower): the
- * second worker runs this many before it is ready, the main one's first this many are not samples.
+ * second worker runs WARM_UP decodes before it is ready, and the main one's first MAIN_WARM_UP
+ * decodes are not samples (measured: the two-thread worker takes about 8 to settle).
  */
 const WARM_UP = 4;
+const MAIN_WARM_UP = 8;
 
 /** One worker and what it holds. */
 class Lane {
@@ -317,7 +319,7 @@ export class DecoderClient {
     if (!run || run.id !== id) return;
     lane.running = null;
     this.decodeCount++;
-    if (out && run.alone && lane.decodes >= (lane.main ? WARM_UP : 0)) {
+    if (out && run.alone && lane.decodes >= (lane.main ? MAIN_WARM_UP : 0)) {
       lane.samples = [...lane.samples, out.decodeMs].slice(-SAMPLES);
       lane.measuredAt = ++this.aloneCount;
     }
