@@ -1,9 +1,10 @@
 """The exported decoder of a model, made once and kept on disk.
 
 Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``
-(plus ``decoder_prepare_v2.onnx``, ``decoder_prepared_v2[.quant].onnx`` of the optional
-fast path when asked for; the ``_v2`` names the factored fast-path format, so a cache
-holding the first format's files is not served to a browser that expects the new one).
+(plus ``decoder_prepare_v3.onnx``, ``decoder_prepared_v3[.quant].onnx`` of the optional
+fast path when asked for; the ``_v3`` names the factored fast-path format, so a cache
+holding an earlier format's files is never paired with the new ones: v2's per-image
+``upscaling`` tensor is not centred, v3's is).
 The identity (``model_identity``) names the weights, so a different checkpoint
 gets its own files and a stale decoder is never served. Files appear by
 ``os.replace`` of a finished temporary file, and an exclusive ``flock`` on a
@@ -26,7 +27,7 @@ from trimask.export.prepared_decoder import export_prepared_decoder
 # part -> file stem; "prepare" / "prepared" are the optional two-graph fast path
 # (see trimask.export.prepared_decoder), exported together.
 # The fast path's stems carry its format version: bump it whenever its inputs/outputs change.
-FAST_PATH_FORMAT = "v2"
+FAST_PATH_FORMAT = "v3"
 PARTS = {
     "decoder": "decoder",
     "prepare": f"decoder_prepare_{FAST_PATH_FORMAT}",

@@ -105,23 +105,24 @@ def test_unknown_model_and_unwritable_folder_raise_one_clear_error(tmp_path):
 def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path):
     prepare = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare")
     folder = tmp_path / model_identity("vit_b")
-    assert prepare == folder / "decoder_prepare_v2.onnx"
-    assert (folder / "decoder_prepared_v2.onnx").is_file()  # made in the same export
-    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared") == folder / "decoder_prepared_v2.onnx"
+    assert prepare == folder / f"decoder_prepare_{decoder_cache.FAST_PATH_FORMAT}.onnx"
+    assert (folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.onnx").is_file()  # made in the same export
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared") == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.onnx"
     # The prepare graph is never quantized (it is small); the per-click graph can be.
     assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare", quantize=True) == prepare
     quant = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared", quantize=True)
-    assert quant == folder / "decoder_prepared_v2.quant.onnx"
+    assert quant == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.quant.onnx"
     ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
     with pytest.raises(TrimaskError, match="part"):
         decoder_cache.decoder_file("vit_b", None, tmp_path, part="encoder")
 
 
 def test_a_first_format_fast_path_file_in_the_cache_is_not_served(tmp_path):
-    """An old cache's decoder_prepared.onnx (layer-0 projections only, no mask input) stays unused."""
+    """An old cache's decoder_prepared.onnx (layer-0 projections only) or _v2 file (upscaling not centred) stays unused."""
     folder = tmp_path / model_identity("vit_b")
     folder.mkdir(parents=True)
     (folder / "decoder_prepared.onnx").write_bytes(b"old format")
+    (folder / "decoder_prepared_v2.onnx").write_bytes(b"second format: upscaling not centred")
     path = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared")
     assert path.name == f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.onnx"
     names = {i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()}
