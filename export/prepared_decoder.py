@@ -78,9 +78,9 @@ The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
 
 Measured (vit_b weights, 200 clicks at 1024 x 1536, CPU time on one thread,
-``bench/decoder.py``): 36 ms per click against 56 ms for ``decoder.onnx`` and
-76 ms for the official export style (0.48x); ``decoder_prepare.onnx`` 40 ms
-once per image. In onnxruntime-web (``bench/browser.py``, Chromium, WASM, one
+``bench/decoder.py``, after the changes below): 37 ms per click against 59 ms for
+``decoder.onnx`` and 81 ms for the official export style (0.46x);
+``decoder_prepare.onnx`` 44 ms once per image. In onnxruntime-web (``bench/browser.py``, Chromium, WASM, one
 thread, tiny model) a click decodes in 107 ms against 184 ms; with the changes
 above (Node's WASM, one thread, same run) 88 ms against 105 ms. Where those 88 ms
 go (time to cut points of the graph): each two-way layer about 20, the final
