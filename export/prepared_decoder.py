@@ -78,7 +78,7 @@ The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
 
 Measured (vit_b weights, 200 clicks at 1024 x 1536, CPU time on one thread,
-``bench/decoder.py``, after the changes below): 37 ms per click against 59 ms for
+``bench/decoder.py``, final graph): 37 ms per click against 59 ms for
 ``decoder.onnx`` and 81 ms for the official export style (0.46x);
 ``decoder_prepare.onnx`` 44 ms once per image. In onnxruntime-web (``bench/browser.py``, Chromium, WASM, one
 thread, tiny model) a click decodes in 107 ms against 184 ms; with the changes
