@@ -88,8 +88,8 @@ attention and the upscaling's low-rank term 9, the first LayerNorm2d and GELU 7,
 the second transposed convolution 12 and its GELU 9, the hypernetwork product
 and display outputs 11; about 4 of it is onnxruntime-web copying the 25 MB of
 per-image tensors into the WASM heap, which it does on every run. The quantized
-click graph is no faster (its remaining weight products are small) but 7.8 MB
-instead of 22.9 MB (which includes 6 MB of positional-term constants).
+click graph is no faster (its remaining weight products are small) but 7.7 MB
+instead of 22.7 MB (which includes 6 MB of positional-term constants).
 """
 from __future__ import annotations
 

@@ -263,22 +263,12 @@ export class DecoderClient {
   }
 
   private pump(): void {
-    if (this.lanes.some((l) => l.running && !l.running.probe)) return; // one real decode at a time
-    const click = this.waiting.click;
-    if (click) {
-      const lane = this.idleFor(click.job.imageId)[0];
-      if (lane) {
-        this.waiting.click = null;
-        this.start(lane, click, false);
-      }
-    }
-    const hover = this.waiting.hover;
-    if (hover && !this.waiting.click && !this.lanes.some((l) => l.running && !l.running.probe)) {
-      const lane = this.idleFor(hover.job.imageId)[0];
-      if (lane) {
-        this.waiting.hover = null;
-        this.start(lane, hover, false);
-      }
+    // One real decode at a time; a waiting click goes before a waiting hover.
+    const next = this.waiting.click ?? this.waiting.hover;
+    const lane = next && !this.lanes.some((l) => l.running && !l.running.probe) ? this.idleFor(next.job.imageId)[0] : undefined;
+    if (next && lane) {
+      this.waiting[next.job.kind] = null;
+      this.start(lane, next, false);
     }
     this.probe();
   }
