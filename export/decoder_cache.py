@@ -1,8 +1,10 @@
 """The exported decoder of a model, made once and kept on disk.
 
 Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``
-(plus ``decoder_prepare_v3.onnx``, ``decoder_prepared_v3[.quant].onnx`` of the optional
-fast path when asked for; the ``_v3`` names the factored fast-path format, so a cache
+(plus ``decoder_prepare_v3.onnx``, ``decoder_prepared_v3[.quant].onnx`` and the hover
+previews' ``decoder_hover_v3[.quant].onnx`` of the optional fast path when asked for; a
+cache made before the hover graph existed gets it on first request, beside its unchanged
+pair; the ``_v3`` names the factored fast-path format, so a cache
 holding an earlier format's files is never paired with the new ones: v2's per-image
 ``upscaling`` tensor is not centred, v3's is).
 The identity (``model_identity``) names the weights, so a different checkpoint
@@ -21,17 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trimask.errors import TrimaskError
+from trimask.export.hover_decoder import export_hover_decoder
 from trimask.export.onnx_decoder import export_decoder, quantize_file
 from trimask.export.prepared_decoder import export_prepared_decoder
 
 # part -> file stem; "prepare" / "prepared" are the optional two-graph fast path
-# (see trimask.export.prepared_decoder), exported together.
+# (see trimask.export.prepared_decoder), "hover" its per-click graph cut to a hover
+# preview's one mask (trimask.export.hover_decoder); the three are exported together.
 # The fast path's stems carry its format version: bump it whenever its inputs/outputs change.
 FAST_PATH_FORMAT = "v3"
 PARTS = {
     "decoder": "decoder",
     "prepare": f"decoder_prepare_{FAST_PATH_FORMAT}",
     "prepared": f"decoder_prepared_{FAST_PATH_FORMAT}",
+    "hover": f"decoder_hover_{FAST_PATH_FORMAT}",
 }
 
 
@@ -58,8 +63,9 @@ def decoder_file(
     """Path of an ONNX file of this model's decoder, exporting it on first use.
 
     part: "decoder" (decoder.onnx, the complete graph), or the optional fast
-    path's "prepare" (decoder_prepare.onnx, never quantized: it is small) and
-    "prepared" (decoder_prepared.onnx). A quantized file is made from the fp32
+    path's "prepare" (decoder_prepare.onnx, never quantized: it is small),
+    "prepared" (decoder_prepared.onnx) and "hover" (decoder_hover.onnx, the
+    prepared graph for a hover preview's one mask). A quantized file is made from the fp32
     one (exported first if needed). Raises TrimaskError when the cache folder
     cannot be written or the model cannot be built (unknown type, unreadable
     checkpoint).
@@ -88,14 +94,16 @@ def decoder_file(
                 finally:
                     tmp.unlink(missing_ok=True)
         return path
-    lock_name = "decoder" if part == "decoder" else "prepared"  # the two fast-path files come together
+    lock_name = "decoder" if part == "decoder" else "prepared"  # the fast-path files come together
     with _exclusive(folder / (lock_name + ".lock")):
         if not path.is_file():  # another caller may have finished while we waited
             sam = build_sam(model_type, checkpoint)
             if part == "decoder":
                 export_decoder(sam, path)
             else:
-                export_prepared_decoder(
-                    sam, folder / (PARTS["prepare"] + ".onnx"), folder / (PARTS["prepared"] + ".onnx")
-                )
+                fast = {name: folder / (PARTS[name] + ".onnx") for name in ("prepare", "prepared", "hover")}
+                if not (fast["prepare"].is_file() and fast["prepared"].is_file()):
+                    export_prepared_decoder(sam, fast["prepare"], fast["prepared"])
+                if not fast["hover"].is_file():
+                    export_hover_decoder(sam, fast["hover"])
     return path

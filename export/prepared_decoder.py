@@ -428,6 +428,16 @@ class PreparedDecoderOnnx(DecoderOnnx):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(iou_predictions, low_res_masks, display_masks, areas) as DecoderOnnx;
         prepared: the tensors of ``PrepareOnnx`` for this image, 1 x N x D each."""
+        hs, image, state = self.attend(point_coords, point_labels, mask_input, has_mask_input, prepared)
+        low_res_masks = self.masks(hs, image, state["upscaling"])
+        iou_predictions = self.mask_decoder.iou_prediction_head(hs[:, 0])
+        return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+
+    def attend(
+        self, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor, has_mask_input: Tensor,
+        prepared: tuple[Tensor, ...],
+    ) -> tuple[Tensor, FactoredImage, dict[str, Tensor]]:
+        """Prompt encoding and the two-way transformer -> (tokens 1 x T x C, image tokens, per-image tensors by name)."""
         state = {name: value.squeeze(0) for name, value in zip(self.names, prepared)}
         tokens = torch.cat(
             [
@@ -439,9 +449,7 @@ class PreparedDecoderOnnx(DecoderOnnx):
         )[None]  # 1 x T x C
         image = self.embed_image(state["image_tokens"], mask_input, has_mask_input)
         hs, image = self.transformer(tokens, image, state)
-        low_res_masks = self.masks(hs, image, state["upscaling"])
-        iou_predictions = self.mask_decoder.iou_prediction_head(hs[:, 0])
-        return self.with_display(iou_predictions, low_res_masks, orig_im_size)
+        return hs, image, state
 
     def embed_image(self, image_tokens: Tensor, mask_input: Tensor, has_mask_input: Tensor) -> FactoredImage:
         """The transformer's input s = e + dense prompt, as e + (has * h) @ Wm^T + c; image_tokens: e, N x C.
@@ -508,27 +516,48 @@ class PreparedDecoderOnnx(DecoderOnnx):
         return image.project(linear.weight, linear.bias, state[name], self.projections.pe_term(name))
 
     def masks(self, hs: Tensor, image: FactoredImage, per_image: Tensor) -> Tensor:
-        """``output_upscaling`` + hypernetworks, per token: -> logits 1 x 4 x 4H x 4W.
+        """``output_upscaling`` + hypernetworks, per token: -> logits 1 x 4 x 4H x 4W."""
+        return self.shuffle(self.mask_features(image, per_image) @ self.hypernetworks(hs).T)
+
+    def mask_features(self, image: FactoredImage, per_image: Tensor) -> Tensor:
+        """``output_upscaling`` per token: -> N x 16 x C/8, layout y x (a b a2 b2) x channels."""
+        w1, b1 = self.upscaling_weights()
+        side = self.prompt_encoder.image_embedding_size[0]
+        return self.upscale(image.numerator(w1, b1, per_image), image.scale, side * side)
+
+    def upscaling_weights(self) -> tuple[Tensor, Tensor]:
+        """The first upscaling convolution as a centred per-token map (``_centred_upscaling``)."""
+        return _centred_upscaling(self.mask_decoder.output_upscaling[0])
+
+    def upscale(self, numerator: Tensor, scale: Tensor | None, tokens: int = -1) -> Tensor:
+        """The upscaling from the first convolution's numerator y = x * scale (tokens x 4C/4, scale
+        tokens x 1 or None) -> tokens x 16 x C/8; tokens -1: however many the numerator has.
 
         Layout y x (a b) x channels, then (a b a2 b2) x channels: no pixel shuffle until the end.
         The first convolution's output x = y / scale has mean 0 over a pixel's channels
         (``_centred_upscaling``), so its LayerNorm2d is y / sqrt(mean(y^2) + eps scale^2) * g + b:
         no mean, no division of the whole map by the scale.
         """
-        decoder = self.mask_decoder
-        conv1, norm, act1, conv2, act2 = decoder.output_upscaling
-        w1, b1 = _centred_upscaling(conv1)
+        conv1, norm, act1, conv2, act2 = self.mask_decoder.output_upscaling
         w2, b2 = _transposed_conv_as_linear(conv2)
-        side = self.prompt_encoder.image_embedding_size[0]
-        y = image.numerator(w1, b1, per_image).reshape(side * side, 4, -1)  # N x (a b) x C/4
-        floor = norm.eps if image.scale is None else norm.eps * image.scale.square()[:, :, None]  # N x 1 x 1
+
+        def per_pixel(x: Tensor, pixels: int, channels: int) -> Tensor:  # tokens x (pixels channels) -> 3-d
+            return x.reshape(tokens, pixels, -1) if tokens >= 0 else x.reshape(-1, pixels, channels)
+
+        y = per_pixel(numerator, 4, conv1.out_channels)  # tokens x (a b) x C/4
+        floor = norm.eps if scale is None else norm.eps * scale.square()[:, :, None]  # tokens x 1 x 1
         x = act1(y / torch.sqrt((y * y).mean(dim=-1, keepdim=True) + floor) * norm.weight + norm.bias)
-        x = act2(x @ w2.T + b2).reshape(side * side, 16, -1)  # N x (a b a2 b2) x C/8
-        hyper_in = torch.stack(
-            [mlp(hs[0, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=0
-        )  # 4 x C/8
-        masks = (x @ hyper_in.T).reshape(side, side, 2, 2, 2, 2, -1)  # y x a b a2 b2 token
-        masks = masks.permute(6, 0, 2, 4, 1, 3, 5)  # token, y a a2, x b b2
+        return per_pixel(act2(x @ w2.T + b2), 16, conv2.out_channels)  # tokens x (a b a2 b2) x C/8
+
+    def hypernetworks(self, hs: Tensor) -> Tensor:
+        """Each mask token's hypernetwork output: 1 x T x C tokens -> 4 x C/8."""
+        mlps = self.mask_decoder.output_hypernetworks_mlps
+        return torch.stack([mlp(hs[0, 1 + i]) for i, mlp in enumerate(mlps)], dim=0)
+
+    def shuffle(self, masks: Tensor) -> Tensor:
+        """N x 16 x K (y x (a b a2 b2) x token) -> logits 1 x K x 4H x 4W: the one pixel shuffle."""
+        side = self.prompt_encoder.image_embedding_size[0]
+        masks = masks.reshape(side, side, 2, 2, 2, 2, -1).permute(6, 0, 2, 4, 1, 3, 5)  # token, y a a2, x b b2
         return masks.reshape(1, -1, 4 * side, 4 * side)
 
 
@@ -538,27 +567,40 @@ def export_prepared_decoder(
     """Write decoder_prepare.onnx (always fp32) and decoder_prepared.onnx (quantized if asked);
     each appears atomically. Returns both paths."""
     prepare_path, decoder_path = Path(prepare_path), Path(decoder_path)
-    base = example_inputs()
+    image_embeddings = example_inputs()[0]
     prepare = PrepareOnnx(sam)
     with torch.no_grad():
-        prepared = prepare(base[0])
+        prepared = prepare(image_embeddings)
     shapes = {name: tuple(value.shape) for name, value in zip(PREPARED_NAMES, prepared)}
-    for path in (prepare_path, decoder_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=prepare_path.parent, prefix=".export-") as tmp:
         traced = Path(tmp) / "decoder_prepare.onnx"
-        trace_to_onnx(prepare, (base[0],), traced, ["image_embeddings"], shapes, {})
+        trace_to_onnx(prepare, (image_embeddings,), traced, ["image_embeddings"], shapes, {})
         _finish(traced, prepare_path, quantize=False)
-    with tempfile.TemporaryDirectory(dir=decoder_path.parent, prefix=".export-") as tmp:
-        traced = Path(tmp) / "decoder_prepared.onnx"
-        trace_to_onnx(
-            PreparedDecoderOnnx(sam),
-            (*base[1:], *prepared),
-            traced,
-            list(PREPARED_INPUTS),
-            OUTPUT_SHAPES,
-            POINT_AXES | DISPLAY_AXES,
-        )
+    export_click_graph(sam, PreparedDecoderOnnx(sam), decoder_path, OUTPUT_SHAPES, DISPLAY_AXES, quantize=quantize)
+    return prepare_path, decoder_path
+
+
+def export_click_graph(
+    sam: nn.Module,
+    module: PreparedDecoderOnnx,
+    path: str | Path,
+    output_shapes: dict[str, tuple[int | str, ...]],
+    output_axes: dict[str, dict[int, str]],
+    *,
+    quantize: bool = False,
+) -> Path:
+    """Trace ``module`` (of ``sam``), a graph taking ``PREPARED_INPUTS`` (the prompt and the per-image tensors), to ``path``
+    (atomically; quantized if asked), with the per-prompt repeats that never repeat dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare = PrepareOnnx(sam)
+    base = example_inputs()
+    with torch.no_grad():
+        prepared = prepare(base[0])
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        traced = Path(tmp) / path.name
+        trace_to_onnx(module, (*base[1:], *prepared), traced, list(PREPARED_INPUTS), output_shapes, POINT_AXES | output_axes)
         probes = []
         for args in probe_inputs():
             with torch.no_grad():
@@ -566,5 +608,5 @@ def export_prepared_decoder(
             named = dict(zip(PREPARED_INPUTS, (*args[1:], *state)))
             probes.append({name: value.numpy() for name, value in named.items()})
         drop_unit_tiles(traced, probes)
-        _finish(traced, decoder_path, quantize)
-    return prepare_path, decoder_path
+        _finish(traced, path, quantize)
+    return path

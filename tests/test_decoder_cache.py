@@ -108,6 +108,9 @@ def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path
     assert prepare == folder / f"decoder_prepare_{decoder_cache.FAST_PATH_FORMAT}.onnx"
     assert (folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.onnx").is_file()  # made in the same export
     assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared") == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.onnx"
+    hover = folder / f"decoder_hover_{decoder_cache.FAST_PATH_FORMAT}.onnx"
+    assert hover.is_file()  # made in the same export
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="hover") == hover
     # The prepare graph is never quantized (it is small); the per-click graph can be.
     assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare", quantize=True) == prepare
     quant = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared", quantize=True)
@@ -115,6 +118,18 @@ def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path
     ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
     with pytest.raises(TrimaskError, match="part"):
         decoder_cache.decoder_file("vit_b", None, tmp_path, part="encoder")
+
+
+def test_a_cache_made_before_the_hover_graph_gets_it_and_keeps_its_pair(tmp_path):
+    prepared = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared")
+    folder = prepared.parent
+    hover = folder / f"decoder_hover_{decoder_cache.FAST_PATH_FORMAT}.onnx"
+    hover.unlink()
+    before = {path: path.stat().st_mtime_ns for path in folder.glob("decoder_prepare*.onnx")}
+    assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="hover") == hover
+    outputs = {o.name for o in ort.InferenceSession(str(hover), providers=["CPUExecutionProvider"]).get_outputs()}
+    assert {"best_token", "display_mask"} <= outputs
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("decoder_prepare*.onnx")} == before
 
 
 def test_a_first_format_fast_path_file_in_the_cache_is_not_served(tmp_path):

@@ -248,7 +248,7 @@ def _run_in_ort_web(model_path, feeds: dict[str, np.ndarray], tmp_path) -> dict[
     script = tmp_path / "run.mjs"
     script.write_text(_ORT_WEB_RUN)
     subprocess.run(["node", str(script), str(module), str(model_path), str(tmp_path)], check=True, timeout=300)
-    dtypes = {"float32": np.float32, "uint8": np.uint8}
+    dtypes = {"float32": np.float32, "uint8": np.uint8, "int64": np.int64}
     shapes = json.loads((tmp_path / "outputs.json").read_text())
     return {
         name: np.fromfile(tmp_path / f"out_{name}.bin", dtype=dtypes[kind]).reshape(dims)

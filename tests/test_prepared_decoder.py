@@ -1,5 +1,6 @@
 """The fast path (decoder_prepare.onnx once per image + decoder_prepared.onnx per click) gives
-decoder.onnx's outputs for every prompt kind, mask input included, at any image size."""
+decoder.onnx's outputs for every prompt kind, mask input included, at any image size; the hover
+graph (decoder_hover.onnx) gives the click graph's best multimask candidate."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,8 @@ from checkpoint_factory import make_official_checkpoint
 from test_onnx_export import KINDS, SIZES, _embedding, _prompt, _run_in_ort_web, _ort_web_module
 from trimask.export import verify
 from trimask.export.onnx_decoder import OPSET, OUTPUT_NAMES, export_decoder
+from trimask.export.hover_decoder import HOVER_OUTPUT_NAMES, export_hover_decoder
+from trimask.export.onnx_decoder import resized_size
 from trimask.export.prepared_decoder import PREPARED_INPUTS, PREPARED_NAMES, export_prepared_decoder
 from trimask.models.build import build_sam
 
@@ -40,11 +43,12 @@ class Graphs:
         self.prepare_path, self.prepared_path = export_prepared_decoder(
             sam, folder / "decoder_prepare.onnx", folder / "decoder_prepared.onnx"
         )
+        self.hover_path = export_hover_decoder(sam, folder / "decoder_hover.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
-        self.decoder, self.prepare, self.prepared = (
+        self.decoder, self.prepare, self.prepared, self.hover = (
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for path in (self.decoder_path, self.prepare_path, self.prepared_path)
+            for path in (self.decoder_path, self.prepare_path, self.prepared_path, self.hover_path)
         )
 
     def state(self, embedding: np.ndarray) -> dict[str, np.ndarray]:
@@ -81,7 +85,9 @@ def test_prepared_graphs_declare_their_tensors_and_use_standard_ops_only(graphs)
             assert shapes[name] == [1, 8, 4096, 16]
     # Everything the click graph needs from the image, and no more: 25 MB of fp32 per image.
     assert sum(np.prod(shape) for shape in shapes.values()) * 4 == 8 * 4096 * 128 * 4 + 2 * 4096 * 256 * 4
-    for path in (graphs.prepare_path, graphs.prepared_path):
+    assert [i.name for i in graphs.hover.get_inputs()] == list(PREPARED_INPUTS)
+    assert [o.name for o in graphs.hover.get_outputs()] == list(HOVER_OUTPUT_NAMES)
+    for path in (graphs.prepare_path, graphs.prepared_path, graphs.hover_path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
@@ -109,6 +115,66 @@ def test_prepared_equals_decoder_onnx_and_the_pytorch_decoder(graphs, kind, size
     assert fast["display_masks"].dtype == np.uint8
     assert (fast["display_masks"] != full["display_masks"]).sum() <= 4
     np.testing.assert_allclose(fast["areas"], full["areas"], atol=1e-4)
+
+
+def _hover_and_click(graphs, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    hover = dict(zip(HOVER_OUTPUT_NAMES, graphs.run_prepared(graphs.hover, feeds, state)))
+    click = dict(zip(OUTPUT_NAMES, graphs.run_prepared(graphs.prepared, feeds, state)))
+    return hover, click
+
+
+def _assert_hover_is_the_clicks_best_candidate(hover: dict, click: dict, size: tuple[int, int]) -> int:
+    """The hover graph's outputs are the click graph's for its best multimask token; returns that token."""
+    np.testing.assert_allclose(hover["iou_predictions"], click["iou_predictions"], rtol=1e-5, atol=1e-6)
+    best = int(hover["best_token"][0])
+    assert hover["best_token"].dtype == np.int64
+    assert best == 1 + int(np.argmax(click["iou_predictions"][0, 1:]))
+    # Its logits: the click's for that token over whole image tokens covering what the display reads.
+    _, _, rows, cols = hover["low_res_mask"].shape
+    h1, w1 = resized_size(torch.tensor(size, dtype=torch.float32), 1024).tolist()
+    assert rows % 4 == 0 and cols % 4 == 0
+    assert min(256, -(-h1 // 4) + 1) <= rows <= 256 and min(256, -(-w1 // 4) + 1) <= cols <= 256
+    expected = click["low_res_masks"][0, best, :rows, :cols]
+    assert np.abs(hover["low_res_mask"][0, 0] - expected).max() <= 1e-5 * np.abs(expected).max()
+    # Its display mask: the click's for that token (a pixel may flip only where the logit rounds across 0).
+    assert hover["display_mask"].dtype == np.uint8
+    assert hover["display_mask"].shape == (1, 1, *click["display_masks"].shape[2:])
+    assert (hover["display_mask"][0, 0] != click["display_masks"][0, best]).sum() <= 2
+    return best
+
+
+@pytest.mark.parametrize("size", [*SIZES, (1, 1), (100, 3000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_hover_graph_gives_the_click_graphs_best_candidate_at_any_image_size(graphs, size):
+    embedding = _embedding(hash(size) % 1000)
+    state = graphs.state(embedding)
+    bests = set()
+    for seed in range(4):
+        feeds = verify.onnx_feeds(embedding, _prompt("point", size, seed, graphs.sam, embedding), size)
+        bests.add(_assert_hover_is_the_clicks_best_candidate(*_hover_and_click(graphs, feeds, state), size))
+    assert bests <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("token", [1, 2, 3])
+def test_hover_graph_previews_whichever_multimask_token_scores_best(graphs, token, tmp_path):
+    """The choice is made in the graph from the IoU predictions, not fixed: with the IoU head's bias
+    raised for one token, that token is previewed. The IoU head does not touch the masks, so the
+    preview must still be the original click graph's mask of that token."""
+    import copy
+
+    sam = copy.deepcopy(graphs.sam)
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias[token] += 100.0
+    biased = Graphs.__new__(Graphs)
+    biased.hover = ort.InferenceSession(str(export_hover_decoder(sam, tmp_path / "hover.onnx")), providers=["CPUExecutionProvider"])
+    biased.prepared = graphs.prepared
+    size = (1500, 843)
+    embedding = _embedding(77)
+    state = graphs.state(embedding)
+    feeds = verify.onnx_feeds(embedding, _prompt("point", size, 3, graphs.sam, embedding), size)
+    hover, click = _hover_and_click(biased, feeds, state)
+    assert int(hover["best_token"][0]) == token
+    click["iou_predictions"][0, token] += 100.0
+    assert _assert_hover_is_the_clicks_best_candidate(hover, click, size) == token
 
 
 def test_quantized_prepared_decoder_agrees_with_fp32(graphs):
@@ -155,3 +221,16 @@ def test_prepared_fast_path_runs_in_onnxruntime_web_wasm(graphs, tmp_path):
         ).max()
         np.testing.assert_allclose(web["iou_predictions"], expected["iou_predictions"], atol=1e-4)
         assert ((web["display_masks"] > 0) != (expected["display_masks"] > 0)).sum() <= 4
+        if kind == "points":  # the hover graph (a hover is a point prompt)
+            (folder / "c").mkdir()
+            hover = _run_in_ort_web(
+                graphs.hover_path, {k: v for k, v in feeds.items() if k in PREPARED_INPUTS} | state, folder / "c"
+            )
+            assert set(hover) == set(HOVER_OUTPUT_NAMES)
+            best = int(hover["best_token"][0])
+            assert best == 1 + int(np.argmax(web["iou_predictions"][0, 1:]))
+            rows, cols = hover["low_res_mask"].shape[2:]
+            assert np.abs(hover["low_res_mask"][0, 0] - web["low_res_masks"][0, best, :rows, :cols]).max() <= 1e-5 * np.abs(
+                web["low_res_masks"]
+            ).max()
+            assert (hover["display_mask"][0, 0] != web["display_masks"][0, best]).sum() <= 2

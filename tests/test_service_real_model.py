@@ -81,9 +81,9 @@ def test_fast_path_graphs_are_served_and_listed_in_status(real_app):
     import onnxruntime as ort
 
     client = real_app.test_client()
-    assert client.get("/api/status").get_json()["decoder_parts"] == ["decoder", "prepare", "prepared"]
+    assert client.get("/api/status").get_json()["decoder_parts"] == ["decoder", "prepare", "prepared", "hover"]
     names = {}
-    for part in ("prepare", "prepared"):
+    for part in ("prepare", "prepared", "hover"):
         response = client.get(f"/api/decoder.onnx?part={part}")
         assert response.status_code == 200 and response.headers["ETag"]
         session = ort.InferenceSession(response.data, providers=["CPUExecutionProvider"])
@@ -93,6 +93,9 @@ def test_fast_path_graphs_are_served_and_listed_in_status(real_app):
     assert prepare_outputs and prepare_outputs <= names["prepared"][0]
     # Refinement clicks take the fast path too: the per-click graph reads the previous mask.
     assert {"mask_input", "has_mask_input"} <= names["prepared"][0]
+    # The hover graph takes what the per-click graph takes and answers with the best candidate's mask.
+    assert names["hover"][0] == names["prepared"][0]
+    assert {"best_token", "display_mask"} <= names["hover"][1]
     bad = client.get("/api/decoder.onnx?part=../../etc/passwd")
     assert bad.status_code == 400 and "part must be one of" in bad.get_json()["error"]
 

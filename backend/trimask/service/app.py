@@ -107,14 +107,14 @@ def _model_id_factory(cfg: dict[str, Any]):
     return identity
 
 
-DECODER_PARTS = ("decoder", "prepare", "prepared")
+DECODER_PARTS = ("decoder", "prepare", "prepared", "hover")
 
 
 def _decoder_provider(cfg: dict[str, Any], cache_dir: Path) -> tuple[Callable[[bool, str], Path], tuple[str, ...]]:
     """The function giving a decoder graph's path for (quantized, part), and the parts it offers.
 
     An injected DECODER_FILE offers only the complete decoder; the exporter
-    also offers the optional fast path (prepare once per image, prepared per click).
+    also offers the optional fast path (prepare once per image, prepared per click, hover per preview).
     """
     given = cfg["DECODER_FILE"]
     if given is not None:

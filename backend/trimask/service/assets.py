@@ -94,8 +94,9 @@ def ort_file(filename: str) -> Response:
 def decoder_onnx() -> Response:
     """The model's prompt encoder + mask decoder as ONNX (``?quantized=1``: uint8 weights).
 
-    ``?part=prepare|prepared`` gives the optional fast path's two graphs
-    (image-side projections once per image, then the per-click rest).
+    ``?part=prepare|prepared|hover`` gives the optional fast path's graphs
+    (image-side projections once per image, then the per-click rest, or the
+    per-click rest for a hover preview's one mask).
 
     Exported on first use; a strong ETag (the file's SHA-256) lets the browser
     download it once and revalidate with a 304 afterwards.
