@@ -23,7 +23,8 @@ on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
 
 With 2 threads trimask's page runs a second, one-thread decoder worker beside the main one
 (each decode on the worker lately faster: one thread beats two when other work holds a core;
-see frontend/src/decoder_client.ts); "fast1w" times the fast path without it, and the official
+see frontend/src/decoder_client.ts); "fast1w" times the fast path without it, "fastclickgraph" with hover
+previews from the per-click graph instead of the hover graph (export/hover_decoder.py), and the official
 style always runs as a plain page would: one worker with all the threads. After each click or
 hover the benchmark waits until the page decodes nothing (its background probes included).
 
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
     parser.add_argument("--decoders", default="fp32,quantized,fast,official",
                         help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the hover "
-                             "worker), official (always timed: the ratios need it)")
+                             "worker), fastclickgraph (fast, previews from the per-click graph), official "
+                             "(always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fast": ("trimask fp32 + prepared fast path", "fast=1"),
                 # The same without the second, one-thread worker (the main worker with all threads only).
                 "fast1w": ("trimask fp32 + prepared fast path, no second worker", "fast=1&secondworker=0"),
+                # Hover previews from the per-click graph (all four masks) instead of the hover graph.
+                "fastclickgraph": ("trimask fp32 + prepared fast path, previews from the click graph", "fast=1&hovergraph=0"),
                 # SAM's export style as a plain onnxruntime-web page would run it: one worker, all threads.
                 "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}&secondworker=0"),
             }

@@ -424,10 +424,22 @@ def test_click_shows_three_levels_and_each_saved_mask_equals_python_decoder(anno
     assert_no_console_errors(a)
 
 
+def _mask_layer_coverage(a) -> np.ndarray:
+    """Which pixels of the mask layer (the hover preview, or the chosen candidate) are painted."""
+    w, h, alpha = a.page.evaluate(
+        "(() => { const c = document.getElementById('mask-layer'); const d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data; const a = [];"
+        " for (let i = 3; i < d.length; i += 4) a.push(d[i] > 0 ? 1 : 0); return [c.width, c.height, a]; })()"
+    )
+    return np.array(alpha, dtype=np.uint8).reshape(h, w)
+
+
 def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_mask(annotator, server, python_decoder, images):
     """With two threads a second, one-thread worker stands beside the main one (each decode on the
     one lately faster): the preview left showing is the last pointer position's (no stale decode
-    queued, none arriving late), and clicking there saves the mask Python's decoder gives."""
+    queued, none arriving late). The preview (from the hover graph: one mask) is the mask the click
+    there preselects, and clicking there shows all three candidates and saves the mask Python's
+    decoder gives."""
     a = annotator
     record = server["images"]["shapes"]
     start = len(a.server_annotations(record["id"]))
@@ -436,6 +448,7 @@ def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_ma
     if a.page.evaluate("navigator.hardwareConcurrency < 2 || !self.crossOriginIsolated"):
         pytest.skip("one core (or no cross-origin isolation): no second worker")
     a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('1-thread worker')")
+    assert "hover graph" in a.page.inner_text("[data-testid=status]")
     x, y = images["shapes"]["point"]
     for px, py in ((100, 100), (450, 200), (200, 300), (520, 320), (300, 120), (x, y)):
         a.page.mouse.move(*a.client_xy(record, px, py))
@@ -449,9 +462,13 @@ def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_ma
     hx, hy = map(float, a.page.locator("[data-testid=stage]").get_attribute("data-hover-point").split(","))
     assert (hx, hy) == pytest.approx((x + 0.5, y + 0.5), abs=0.6)
     assert a.page.evaluate("window.__trimaskTimings.hover.length") == previews, "no preview after the last one"
+    previewed = _mask_layer_coverage(a)
     a.click(record, x, y)
     cands = a.wait_candidates(3)
     best = max(cands, key=lambda c: c["iou"])
+    chosen = _mask_layer_coverage(a)
+    assert previewed.shape == chosen.shape and chosen.sum() > 0
+    assert (previewed != chosen).sum() <= 2, "the preview is the click's preselected candidate"
     saved = a.accept(record, start + 1)
     assert saved["level"] == best["level"]
     check_parity(python_decoder, record, saved)

@@ -52,7 +52,7 @@ export const api = {
   images: () => json<ImageInfo[]>("GET", "/api/images", "Listing the images"),
   imageUrl: (id: number) => `/api/images/${id}/file`,
   /** part: "decoder" (complete), or the optional fast path's "prepare" / "prepared". */
-  decoderUrl: (quantized: boolean, part: "decoder" | "prepare" | "prepared" = "decoder") => {
+  decoderUrl: (quantized: boolean, part: "decoder" | "prepare" | "prepared" | "hover" = "decoder") => {
     const q = new URLSearchParams();
     if (quantized) q.set("quantized", "1");
     if (part !== "decoder") q.set("part", part);

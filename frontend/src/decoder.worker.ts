@@ -1,12 +1,23 @@
 /// <reference lib="webworker" />
 /**
  * Runs the decoder in onnxruntime-web off the main thread: the fast path (decoder_prepare.onnx once
- * per image, decoder_prepared.onnx per prompt) when the server offers it, else decoder.onnx. Holds the
- * current image's embedding (and prepared tensors) so each decode only sends the prompt.
+ * per image, decoder_prepared.onnx per prompt, decoder_hover.onnx per hover preview) when the server
+ * offers it, else decoder.onnx. Holds the current image's embedding (and prepared tensors) so each
+ * decode only sends the prompt.
  */
 import * as ortWasm from "onnxruntime-web/wasm";
 import { float16ToFloat32 } from "./float16";
-import { PREPARED_NAMES, PREPARED_PROMPT_INPUTS, type DecodeRequest, type DecoderStyle, type InitRequest, type WorkerMessage, type WorkerRequest } from "./worker_protocol";
+import {
+  HOVER_OUTPUTS,
+  PREPARED_NAMES,
+  PREPARED_PROMPT_INPUTS,
+  type DecodeRequest,
+  type DecoderStyle,
+  type FastPathUrls,
+  type InitRequest,
+  type WorkerMessage,
+  type WorkerRequest,
+} from "./worker_protocol";
 
 type Ort = typeof ortWasm;
 
@@ -21,6 +32,8 @@ let embeddingImageId = -1;
 /** Fast path: the per-image graph, the per-click graph, and this image's prepared tensors. */
 let prepareSession: ortWasm.InferenceSession | null = null;
 let preparedSession: ortWasm.InferenceSession | null = null;
+/** Fast path, optional: the per-click graph cut to a hover preview's one mask. */
+let hoverSession: ortWasm.InferenceSession | null = null;
 let prepared: Record<string, ortWasm.Tensor> | null = null;
 const zeroMask = new Float32Array(LOW_RES * LOW_RES);
 
@@ -60,15 +73,16 @@ async function init(req: InitRequest): Promise<void> {
   // onnxruntime-web falls back to one thread (with a console warning) when the page is not
   // cross-origin isolated; report the count it really uses. Its builds all need WASM SIMD.
   const numThreads = backend === "wasm" ? (ort.env.wasm.numThreads ?? req.numThreads) : req.numThreads;
-  post({ type: "ready", backend, numThreads, fastPath: preparedSession !== null });
+  post({ type: "ready", backend, numThreads, fastPath: preparedSession !== null, previewGraph: hoverSession !== null });
 }
 
-/** Runs the per-click graph `times` on a zero embedding and one point, so its code gets optimized. */
+/** Runs the per-click graph (and the hover graph, in turn) `times` on a zero embedding and one point, so their code gets optimized. */
 async function warmUp(times: number): Promise<void> {
   await setEmbedding(-1, new ArrayBuffer(2 * EMBEDDING_DIMS.reduce((a, b) => a * b, 1)), false);
   for (let i = 0; i < times; i++) {
     const coords = new Float32Array([100 + 100 * i, 500, 0, 0]);
-    const request: DecodeRequest = { type: "decode", id: -1, imageId: -1, coords, labels: new Float32Array([1, -1]), maskInput: null, origHw: [1024, 1024] };
+    const preview = i % 2 === 1;
+    const request: DecodeRequest = { type: "decode", id: -1, imageId: -1, coords, labels: new Float32Array([1, -1]), maskInput: null, origHw: [1024, 1024], preview };
     await decode(request, false);
   }
   embedding = null;
@@ -84,9 +98,9 @@ async function download(url: string): Promise<Uint8Array> {
 
 /**
  * Loads the optional fast path; any mismatch (a server without it, or an older pair of graphs)
- * leaves decoder.onnx alone in use.
+ * leaves decoder.onnx alone in use. Without a usable hover graph, previews take the per-click graph.
  */
-async function loadFastPath(urls: { prepareUrl: string; preparedUrl: string }, options: ortWasm.InferenceSession.SessionOptions): Promise<void> {
+async function loadFastPath(urls: FastPathUrls, options: ortWasm.InferenceSession.SessionOptions): Promise<void> {
   try {
     const prepare = await ort.InferenceSession.create(await download(urls.prepareUrl), options);
     if (!PREPARED_NAMES.every((n) => prepare.outputNames.includes(n))) return;
@@ -97,6 +111,15 @@ async function loadFastPath(urls: { prepareUrl: string; preparedUrl: string }, o
     preparedSession = decoder;
   } catch {
     // not served: the complete decoder.onnx does everything
+    return;
+  }
+  if (!urls.hoverUrl) return;
+  try {
+    const hover = await ort.InferenceSession.create(await download(urls.hoverUrl), options);
+    const inputsMatch = hover.inputNames.length === preparedSession.inputNames.length && preparedSession.inputNames.every((n) => hover.inputNames.includes(n));
+    if (inputsMatch && HOVER_OUTPUTS.every((n) => hover.outputNames.includes(n))) hoverSession = hover;
+  } catch {
+    // not served (an older server): previews run the per-click graph
   }
 }
 
@@ -155,6 +178,16 @@ async function decode(req: DecodeRequest, reply = true): Promise<void> {
   if (preparedSession && prepared) {
     const fastFeeds: Record<string, ortWasm.Tensor> = { ...prepared };
     for (const name of PREPARED_PROMPT_INPUTS) fastFeeds[name] = feeds[name];
+    if (req.preview && hoverSession) {
+      const preview = await hoverSession.run(fastFeeds, [...HOVER_OUTPUTS]);
+      const [, , displayH, displayW] = preview.display_mask.dims as number[];
+      const display = owned(preview.display_mask.data as Uint8Array);
+      const token = Number((preview.best_token.data as BigInt64Array)[0]);
+      const iou = preview.iou_predictions.data as Float32Array;
+      const msg: WorkerMessage = { type: "preview", id: req.id, token, iou, display, displayH, displayW, decodeMs: performance.now() - t0 };
+      if (reply) post(msg, [display.buffer]);
+      return;
+    }
     out = await preparedSession.run(fastFeeds, names);
   } else if (session) {
     out = await session.run(feeds, names);

@@ -13,9 +13,13 @@
  * all is idle, which a click or hover never waits for: it takes the other worker.
  * The two never decode real jobs at once: a two-thread and a one-thread decode
  * side by side slow each other down more than they gain (measured).
+ *
+ * A hover asks only for a preview (the best multimask candidate's mask): a worker with the hover
+ * graph computes just that, otherwise the best candidate is taken from the full output (which the
+ * preview then carries, so a click there can use it).
  */
-import type { DecodeOutput } from "./session";
-import type { DecodeRequest, DecoderStyle, ExecutionBackend, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
+import { bestCandidate, candidatesFor, type DecodeOutput } from "./session";
+import type { DecodeRequest, DecoderStyle, ExecutionBackend, FastPathUrls, Preview, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
 
 export type DecodeKind = "hover" | "click";
 
@@ -25,7 +29,7 @@ export interface DecodeJob extends PromptInputs {
 
 export interface DecoderOptions {
   modelUrl: string;
-  fastPath: { prepareUrl: string; preparedUrl: string } | null;
+  fastPath: FastPathUrls | null;
   backend: ExecutionBackend;
   numThreads: number;
   wasmPaths: string;
@@ -38,12 +42,33 @@ export interface ReadyInfo {
   backend: ExecutionBackend;
   numThreads: number;
   fastPath: boolean;
+  /** Hovers run the hover graph (one mask per preview). */
+  previewGraph: boolean;
 }
 
 export type DecodeResult = DecodeOutput & { decodeMs: number };
 
+/** A hover's answer; `full` is the whole output when the preview was taken from one (no hover graph). */
+export type PreviewResult = Preview & { decodeMs: number; full: DecodeResult | null };
+
+type Answer = DecodeResult | PreviewResult;
+
+export function isPreview(out: Answer): out is PreviewResult {
+  return "token" in out;
+}
+
+/** A hover's preview from any answer: the best multimask candidate, as the page would preselect it. */
+export function toPreview(out: Answer): PreviewResult {
+  if (isPreview(out)) return out;
+  const candidates = candidatesFor(out, true);
+  const token = candidates[bestCandidate(candidates)].token;
+  const pixels = out.displayH * out.displayW;
+  const display = out.display.subarray(token * pixels, (token + 1) * pixels);
+  return { token, iou: out.iou, display, displayH: out.displayH, displayW: out.displayW, decodeMs: out.decodeMs, full: out };
+}
+
 /** Resolved with the output, or null when a newer request superseded this one. */
-type Settle = (out: DecodeResult | null) => void;
+type Settle = (out: Answer | null) => void;
 
 interface Waiting {
   job: DecodeJob;
@@ -53,7 +78,8 @@ interface Waiting {
 
 interface Running extends Waiting {
   id: number;
-  followers: Settle[];
+  /** Clicks with the same prompt, answered with this decode's full output. */
+  followers: Waiting[];
   /** No other worker decoded at any time during this one: its time measures this worker. */
   alone: boolean;
   probe: boolean;
@@ -78,6 +104,8 @@ const MAIN_WARM_UP = 8;
 /** One worker and what it holds. */
 class Lane {
   running: Running | null = null;
+  /** Its hover previews come from the hover graph (one mask, not the full output). */
+  previewGraph = false;
   /** The image whose embedding this worker holds (confirmed by the worker). */
   imageId = -1;
   ready = false;
@@ -165,16 +193,20 @@ export class DecoderClient {
 
   /**
    * Queues a decode; a newer job of the same kind replaces it while it waits. A click drops
-   * waiting hovers, and shares a running hover's result when it asks for the same prompt
-   * (the pointer hovered exactly where it then clicked).
+   * waiting hovers, and shares a running decode's full output when it asks for the same prompt
+   * (the pointer hovered exactly where it then clicked), never a hover graph's one mask.
    */
-  decode(job: DecodeJob): Promise<DecodeResult | null> {
-    return new Promise((settle, reject) => {
+  decode(job: DecodeJob & { kind: "click" }): Promise<DecodeResult | null>;
+  decode(job: DecodeJob & { kind: "hover" }): Promise<PreviewResult | null>;
+  decode(job: DecodeJob): Promise<Answer | null>;
+  decode(job: DecodeJob): Promise<Answer | null> {
+    return new Promise((resolve, reject) => {
       this.lastJob = job;
+      const settle: Settle = job.kind === "hover" ? (out) => resolve(out && toPreview(out)) : resolve;
       if (job.kind === "click") {
-        const same = this.lanes.find((l) => l.running && !l.running.probe && sameInputs(l.running.job, job));
+        const same = this.lanes.find((l) => l.running && !l.running.probe && sameInputs(l.running.job, job) && givesFullOutput(l));
         if (same) {
-          same.running!.followers.push(settle);
+          same.running!.followers.push({ job, settle, reject });
           return;
         }
       }
@@ -198,7 +230,8 @@ export class DecoderClient {
       const msg = event.data;
       if (msg.type === "ready") {
         lane.ready = true;
-        on.ready({ backend: msg.backend, numThreads: msg.numThreads, fastPath: msg.fastPath });
+        lane.previewGraph = msg.previewGraph ?? false;
+        on.ready({ backend: msg.backend, numThreads: msg.numThreads, fastPath: msg.fastPath, previewGraph: lane.previewGraph });
       } else if (msg.type === "embedding-ready") {
         lane.imageId = msg.imageId;
         lane.preparing = false;
@@ -211,6 +244,7 @@ export class DecoderClient {
         }
         this.pump();
       } else if (msg.type === "result") this.finish(lane, msg.id, msg, null);
+      else if (msg.type === "preview") this.finish(lane, msg.id, { ...msg, full: null }, null);
       else if (msg.type === "error") {
         if (msg.id === null) on.fatal(msg.message);
         else this.finish(lane, msg.id, null, new Error(msg.message));
@@ -294,7 +328,7 @@ export class DecoderClient {
     for (const l of others) if (l.running) l.running.alone = false;
     lane.running = { ...next, id, followers: [], alone: others.length === 0, probe };
     const { kind: _kind, ...inputs } = next.job;
-    const req: DecodeRequest = { type: "decode", id, ...inputs };
+    const req: DecodeRequest = { type: "decode", id, ...inputs, preview: next.job.kind === "hover" };
     lane.worker.postMessage(req satisfies WorkerRequest);
     this.onBusy(this.busyCount());
   }
@@ -304,7 +338,7 @@ export class DecoderClient {
     return this.lanes.filter((l) => l.running || l.preparing).length;
   }
 
-  private finish(lane: Lane, id: number, out: DecodeResult | null, error: Error | null): void {
+  private finish(lane: Lane, id: number, out: Answer | null, error: Error | null): void {
     const run = lane.running;
     if (!run || run.id !== id) return;
     lane.running = null;
@@ -316,11 +350,21 @@ export class DecoderClient {
     lane.decodes++;
     if (error) run.reject(error);
     else run.settle(out);
-    // Followers (a click on the hovered point) get the same output, or retry on error.
-    for (const f of run.followers) f(error ? null : out);
+    // Followers (a click on the hovered point) get the same output; without one (an error, or a
+    // preview after all) they decode themselves, unless a newer click waits.
+    for (const f of run.followers) {
+      if (out && !isPreview(out)) f.settle(out);
+      else if (this.waiting.click) f.settle(null);
+      else this.waiting.click = f;
+    }
     this.pump();
     this.onBusy(this.busyCount());
   }
+}
+
+/** Whether the job this worker runs gives the full output (a click, or a hover without the hover graph). */
+function givesFullOutput(lane: Lane): boolean {
+  return lane.running !== null && (lane.running.job.kind === "click" || !lane.previewGraph);
 }
 
 function sameArray(a: Float32Array | null, b: Float32Array | null): boolean {

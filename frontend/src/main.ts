@@ -4,15 +4,13 @@
  */
 import { api, ApiError } from "./api";
 import { clientToImage, IDENTITY_VIEW, imageToFrame, panBy, zoomAt, type ViewTransform } from "./coordinates";
-import { DecoderClient, type DecodeJob, type DecodeKind } from "./decoder_client";
+import { DecoderClient, type DecodeJob, type DecodeKind, type PreviewResult } from "./decoder_client";
 import { MaskEncoder } from "./mask_encoder";
 import {
   addCategory,
   addPoint,
   annotationBody,
   applyResult,
-  bestCandidate,
-  candidatesFor,
   chooseIndex,
   chooseLevel,
   chosenCandidate,
@@ -32,7 +30,6 @@ import {
   setCurrentCategory,
   toggleHidden,
   undo,
-  type DecodeOutput,
   type Effect,
   type PromptStep,
   type SessionState,
@@ -58,8 +55,8 @@ let openToken = 0;
 let embeddingReady = false;
 let decoderReady = false;
 let saving = false;
-/** The latest hover decode and where (image px) it was asked for. */
-let hoverPreview: { out: DecodeOutput; token: number; imageId: number; x: number; y: number } | null = null;
+/** The latest hover preview and where (image px) it was asked for. */
+let hoverPreview: { preview: PreviewResult; imageId: number; x: number; y: number } | null = null;
 
 /** Created in start(), once the server's status says which decoder graphs it has. */
 let decoder: DecoderClient;
@@ -76,7 +73,12 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     modelUrl: settings.decoderUrl ?? api.decoderUrl(settings.quantized),
     fastPath:
       fast && !settings.decoderUrl
-        ? { prepareUrl: api.decoderUrl(false, "prepare"), preparedUrl: api.decoderUrl(settings.quantized, "prepared") }
+        ? {
+            prepareUrl: api.decoderUrl(false, "prepare"),
+            preparedUrl: api.decoderUrl(settings.quantized, "prepared"),
+            // Hover previews compute only the mask they show (decoder_hover.onnx), when the server has it.
+            hoverUrl: settings.hoverGraph && parts.includes("hover") ? api.decoderUrl(settings.quantized, "hover") : null,
+          }
         : null,
     backend: settings.backend,
     numThreads: settings.numThreads,
@@ -97,7 +99,7 @@ function setState(next: SessionState): void {
 }
 
 function draw(): void {
-  view.draw(state, { hover: hoverPreview, view: viewTransform, ready: isReady() });
+  view.draw(state, { hover: hoverPreview?.preview ?? null, view: viewTransform, ready: isReady() });
   // For tests and scripts: the image point whose hover preview is showing.
   if (hoverPreview) view.stage.dataset.hoverPoint = `${hoverPreview.x},${hoverPreview.y}`;
   else delete view.stage.dataset.hoverPoint;
@@ -163,7 +165,7 @@ function withImageParam(id: number): string {
 // ---------------------------------------------------------------- decoding
 
 /** A decoder job for a prompt on an image: points and box into SAM's 1024 frame. */
-function decodeJob(kind: DecodeKind, image: ImageInfo, prompt: PromptStep): DecodeJob {
+function decodeJob<K extends DecodeKind>(kind: K, image: ImageInfo, prompt: PromptStep): DecodeJob & { kind: K } {
   const toFrame = ([x, y]: [number, number]) => imageToFrame(x, y, image.height, image.width);
   let box: [number, number, number, number] | null = null;
   if (prompt.box) {
@@ -198,11 +200,10 @@ async function hoverAt(x: number, y: number, t0: number): Promise<void> {
   const image = state.image!;
   try {
     const version = state.promptVersion;
-    const out = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
+    const preview = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
     // A click or another image since then makes this preview stale.
-    if (!out || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
-    const candidates = candidatesFor(out, true);
-    hoverPreview = { out, token: candidates[bestCandidate(candidates)].token, imageId: image.id, x, y };
+    if (!preview || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
+    hoverPreview = { preview, imageId: image.id, x, y };
     draw();
     timings.hover.push(performance.now() - t0);
   } catch (e) {
@@ -385,13 +386,14 @@ function onMouseUp(e: MouseEvent): void {
   if (!pointerOnStage) return;
   const [x, y] = imagePoint(e);
   const label = p.button === 2 || p.shift ? 0 : 1;
-  // Clicking where the last hover decoded: that output is this click's output already.
+  // Clicking where the last hover decoded the full output (no hover graph): that is this click's output already.
   const h = hoverPreview;
-  const reuse = label === 1 && isPromptEmpty(state.prompt) && h && h.imageId === state.image.id && h.x === x && h.y === y;
+  const full = h?.preview.full;
+  const reuse = label === 1 && isPromptEmpty(state.prompt) && full && h.imageId === state.image.id && h.x === x && h.y === y;
   clearHover();
   setState(addPoint(state, x, y, label));
   if (reuse) {
-    setState(applyResult(state, state.promptVersion, h.out));
+    setState(applyResult(state, state.promptVersion, full));
     timings.click.push(performance.now() - t0);
   } else void decodePrompt(t0);
 }
@@ -516,7 +518,8 @@ async function start(): Promise<void> {
     .then((info) => {
       decoderReady = true;
       const threads = info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : "";
-      const status = `decoder: ${info.backend}${threads}${info.fastPath ? " · prepared fast path" : ""}`;
+      const graphs = `${info.fastPath ? " · prepared fast path" : ""}${info.previewGraph ? " + hover graph" : ""}`;
+      const status = `decoder: ${info.backend}${threads}${graphs}`;
       view.setStatus(status);
       draw();
       void decoder.secondWorkerReady().then((on) => on && view.setStatus(`${status} + 1-thread worker`));

@@ -6,8 +6,9 @@
 import { decodeRle } from "./coco_rle";
 import { fitStage, type Box2D, type ViewTransform } from "./coordinates";
 import { displayMaskCanvas, hexToRgb, paintMasks, sampleMask, type Rgb } from "./mask_canvas";
-import type { DecodeOutput, SessionState } from "./session";
+import type { SessionState } from "./session";
 import type { Category, ImageInfo } from "./types";
+import type { Preview } from "./worker_protocol";
 
 const CANDIDATE_RGB: Rgb = [77, 163, 255];
 const THUMB_WIDTH = 160;
@@ -21,7 +22,8 @@ function $(id: string): HTMLElement {
 }
 
 export interface DrawExtras {
-  hover: { out: DecodeOutput; token: number } | null;
+  /** The hover preview's one mask. */
+  hover: Preview | null;
   view: ViewTransform;
   ready: boolean;
 }
@@ -264,10 +266,9 @@ export class View {
     const chosen = this.candidateCanvases[state.chosen];
     let source: HTMLCanvasElement | null = chosen ?? null;
     if (!source && hover) {
-      const key = hover.out;
-      if (key !== this.hoverKey) {
-        this.hoverKey = key;
-        this.hoverCanvas = displayMaskCanvas(hover.out.display, hover.token, hover.out.displayH, hover.out.displayW, CANDIDATE_RGB, 90);
+      if (hover !== this.hoverKey) {
+        this.hoverKey = hover;
+        this.hoverCanvas = displayMaskCanvas(hover.display, 0, hover.displayH, hover.displayW, CANDIDATE_RGB, 90);
       }
       source = this.hoverCanvas;
     }

@@ -20,13 +20,24 @@ export interface InitRequest {
    * The optional two-graph fast path (decoder_prepare.onnx once per image, decoder_prepared.onnx
    * for every prompt, mask input included); used only if both load and have the expected inputs/outputs.
    */
-  fastPath: { prepareUrl: string; preparedUrl: string } | null;
+  fastPath: FastPathUrls | null;
   /**
    * Decodes of a made-up prompt to run before reporting ready: the browser compiles WASM
    * first with a quick compiler and only later with the optimizing one, so the first few
    * decodes of a worker are up to 3x slower (measured). 0 or absent: none.
    */
   warmUp?: number;
+}
+
+/**
+ * The fast path's graphs: decoder_prepare.onnx (once per image), decoder_prepared.onnx (every
+ * prompt) and, optionally, decoder_hover.onnx (decoder_prepared cut to the one mask a hover
+ * preview shows: the best multimask candidate, only over the part of the frame the display reads).
+ */
+export interface FastPathUrls {
+  prepareUrl: string;
+  preparedUrl: string;
+  hoverUrl?: string | null;
 }
 
 export interface EmbeddingRequest {
@@ -52,6 +63,11 @@ export interface PromptInputs {
 export interface DecodeRequest extends PromptInputs {
   type: "decode";
   id: number;
+  /**
+   * Only the best multimask candidate is wanted (a hover preview): a worker with the hover graph
+   * answers with a PreviewMessage, any other with a ResultMessage.
+   */
+  preview?: boolean;
 }
 
 export type WorkerRequest = InitRequest | EmbeddingRequest | DecodeRequest;
@@ -62,6 +78,8 @@ export interface ReadyMessage {
   numThreads: number;
   /** Whether the two-graph fast path is in use. */
   fastPath: boolean;
+  /** Whether preview requests run the hover graph (and are answered with a PreviewMessage). */
+  previewGraph?: boolean;
 }
 
 /**
@@ -96,6 +114,27 @@ export interface ResultMessage extends DecodeOutput {
   decodeMs: number;
 }
 
+/** The hover graph's outputs (trimask.export.hover_decoder.HOVER_OUTPUT_NAMES) the page uses. */
+export const HOVER_OUTPUTS = ["iou_predictions", "best_token", "display_mask"] as const;
+
+/** One mask for a hover preview: the multimask candidate with the highest predicted IoU. */
+export interface Preview {
+  /** Its decoder token (1..3). */
+  token: number;
+  /** Predicted IoU of all four tokens, [4]. */
+  iou: Float32Array;
+  /** Its 0/255 mask over the image's valid region, [displayH x displayW] row-major. */
+  display: Uint8Array;
+  displayH: number;
+  displayW: number;
+}
+
+export interface PreviewMessage extends Preview {
+  type: "preview";
+  id: number;
+  decodeMs: number;
+}
+
 export interface ErrorMessage {
   type: "error";
   /** The decode request's id, or null for init/embedding failures. */
@@ -103,7 +142,7 @@ export interface ErrorMessage {
   message: string;
 }
 
-export type WorkerMessage = ReadyMessage | EmbeddingReadyMessage | ResultMessage | ErrorMessage;
+export type WorkerMessage = ReadyMessage | EmbeddingReadyMessage | ResultMessage | PreviewMessage | ErrorMessage;
 
 /** SAM's prompt encoding: points (+ a padding point when there is no box) then box corners. */
 export function encodePromptInputs(

@@ -39,9 +39,24 @@ class FakeWorker {
       data: { type: "result", id, iou: z, areas: z, display: new Uint8Array(4), displayH: 1, displayW: 1, lowRes: new Float32Array(4), decodeMs },
     });
   }
+  /** Answer as the hover graph does: one mask, of the given token. */
+  answerPreview(id: number, token: number) {
+    this.onmessage?.({
+      data: { type: "preview", id, token, iou: new Float32Array(4), display: new Uint8Array([255]), displayH: 1, displayW: 1, decodeMs: 1 },
+    });
+  }
 }
 
-function job(kind: "hover" | "click", x: number): DecodeJob {
+/** A stand-in for a worker that has the hover graph. */
+class PreviewWorker extends FakeWorker {
+  postMessage(msg: WorkerRequest) {
+    if (msg.type !== "init") return super.postMessage(msg);
+    this.sent.push(msg);
+    queueMicrotask(() => this.onmessage?.({ data: { type: "ready", backend: "wasm", numThreads: msg.numThreads, fastPath: true, previewGraph: true } }));
+  }
+}
+
+function job<K extends "hover" | "click">(kind: K, x: number): DecodeJob & { kind: K } {
   const { coords, labels } = encodePromptInputs([[x, x]], [1], null);
   return { kind, imageId: 1, coords, labels, maskInput: null, origHw: [10, 10] };
 }
@@ -98,8 +113,65 @@ describe("decoder client sharing", () => {
     const click = c.decode(job("click", 4));
     w.answer(w.decodes()[0].id);
     const [h, k] = await Promise.all([hover, click]);
-    expect(k).toBe(h);
+    expect(h!.full).not.toBeNull();
+    expect(k).toBe(h!.full);
     expect(w.decodes().length).toBe(1);
+  });
+
+  it("a hover without the hover graph previews the best candidate of the full output", async () => {
+    vi.stubGlobal("Worker", FakeWorker);
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
+    const w = FakeWorker.last;
+    const hover = c.decode(job("hover", 4));
+    expect(w.decodes()[0].preview).toBe(true);
+    // Token 2 scores best among the multimask tokens 1..3 (token 0, the single mask, is higher but never previewed).
+    const iou = new Float32Array([0.99, 0.5, 0.8, 0.6]);
+    const display = new Uint8Array([0, 1, 2, 3].flatMap((t) => [t, t]));
+    w.onmessage?.({ data: { type: "result", id: w.decodes()[0].id, iou, areas: new Float32Array([0.1, 0.2, 0.3, 0.4]), display, displayH: 1, displayW: 2, lowRes: new Float32Array(4), decodeMs: 1 } });
+    const preview = (await hover)!;
+    expect(preview.token).toBe(2);
+    expect([...preview.display]).toEqual([2, 2]);
+    expect([preview.displayH, preview.displayW]).toEqual([1, 2]);
+  });
+});
+
+describe("decoder client with the hover graph", () => {
+  function client() {
+    vi.stubGlobal("Worker", PreviewWorker);
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 1, wasmPaths: "/ort/", style: "trimask" });
+    return { c, w: FakeWorker.last };
+  }
+
+  it("asks for previews for hovers only, and passes the graph's one mask on", async () => {
+    const { c, w } = client();
+    expect((await c.ready()).previewGraph).toBe(true);
+    const hover = c.decode(job("hover", 1));
+    w.answerPreview(w.decodes()[0].id, 3);
+    const preview = (await hover)!;
+    expect(preview.token).toBe(3);
+    expect(preview.full).toBeNull();
+    const click = c.decode(job("click", 1));
+    expect(w.decodes().map((d) => d.preview)).toEqual([true, false]);
+    w.answer(w.decodes()[1].id, 7);
+    expect((await click)!.iou[0]).toBe(7);
+  });
+
+  it("a click on the point the running hover previews decodes itself: a preview has one mask, a click shows three", async () => {
+    const { c, w } = client();
+    await c.ready();
+    const hover = c.decode(job("hover", 4));
+    const click = c.decode(job("click", 4));
+    expect(w.decodes().length).toBe(1);
+    w.answerPreview(w.decodes()[0].id, 1);
+    expect((await hover)!.token).toBe(1);
+    await Promise.resolve();
+    expect(w.decodes().length).toBe(2);
+    expect(w.decodes()[1]).toMatchObject({ preview: false });
+    expect(w.decodes()[1].coords[0]).toBe(4);
+    w.answer(w.decodes()[1].id, 5);
+    const out = (await click)!;
+    expect(out.iou[0]).toBe(5);
+    expect(out.lowRes).toBeDefined();
   });
 });
 

@@ -14,4 +14,9 @@ describe("page settings", () => {
     expect(readSettings("?secondworker=0", 2, true)).toMatchObject({ hover: true, secondWorker: false });
     expect(readSettings("?hover=0", 2, true).hover).toBe(false);
   });
+
+  it("takes hover previews from the hover graph unless the URL says hovergraph=0", () => {
+    expect(readSettings("", 2, true).hoverGraph).toBe(true);
+    expect(readSettings("?hovergraph=0", 2, true)).toMatchObject({ hover: true, hoverGraph: false });
+  });
 });
