@@ -77,6 +77,9 @@ still exact, no longer cheaper.
 The weights are read from the model's own modules at export time; the token
 side calls those modules (self-attention, MLPs, norms, heads) unchanged.
 
+Hover previews run ``decoder_hover.onnx`` (``trimask.export.hover_decoder``): this
+per-click graph cut to the one mask a preview shows, from the same methods.
+
 Measured (vit_b weights, 200 clicks at 1024 x 1536, CPU time on one thread,
 ``bench/decoder.py``, final graph): 37 ms per click against 59 ms for
 ``decoder.onnx`` and 81 ms for the official export style (0.46x);
