@@ -116,6 +116,10 @@ def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path
     quant = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared", quantize=True)
     assert quant == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.quant.onnx"
     ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
+    quant_hover = decoder_cache.decoder_file("vit_b", None, tmp_path, part="hover", quantize=True)
+    assert quant_hover == folder / f"decoder_hover_{decoder_cache.FAST_PATH_FORMAT}.quant.onnx"
+    outputs = {o.name for o in ort.InferenceSession(str(quant_hover), providers=["CPUExecutionProvider"]).get_outputs()}
+    assert {"best_token", "display_mask"} <= outputs
     with pytest.raises(TrimaskError, match="part"):
         decoder_cache.decoder_file("vit_b", None, tmp_path, part="encoder")
 
