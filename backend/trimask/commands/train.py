@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
     f.add_argument("--focal-weight", type=float, default=20.0,
                    help="weight of the focal term against dice (SAM: 20, the default; 0 = dice alone, e.g. for "
-                   "a model trained without focal)")
+                   "the embedded tiny model, which was trained without focal)")
     f.set_defaults(func=run_finetune)
 
 
