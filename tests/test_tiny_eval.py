@@ -16,7 +16,7 @@ def test_evaluate_returns_every_metric_in_unit_range():
     m = evaluate(sam, scenes=2, seed=3)
     assert m["clicks"] >= 1 and m["scenes"] == 2
     names = ["best_of_3_subpart", "best_of_3_part", "best_of_3_whole", "ranked_first", "area_ordered",
-             "miou_1_clicks", "miou_3_clicks", "miou_5_clicks"]
+             "miou_1_clicks", "miou_3_clicks", "miou_5_clicks", "box_subpart", "box_part", "box_whole"]
     for name in names:
         assert not math.isnan(m[name]) and 0.0 <= m[name] <= 1.0, name
 

@@ -13,6 +13,7 @@ Then the interactive protocol, for every level of every clicked instance as the 
 at the centre of the target, the candidate ranked first by the IoU head; each next click at the
 centre of the largest error region (positive in a false negative, negative in a false positive),
 single-mask output with the previous low-res logits as ``mask_input``. mIoU after 1, 3 and 5 clicks.
+And a box prompt: the tight bounding box of each level's mask alone, single-mask output, mIoU per level.
 Masks are compared at the image's resolution after SAM's postprocessing.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from trimask.models.sam import Sam
 from trimask.preprocess import get_preprocess_shape, preprocess
-from trimask.training.prompt_simulation import center_of_largest_error
+from trimask.training.prompt_simulation import center_of_largest_error, noisy_box
 from trimask.training.scenes import EVAL_SEED_BASE, LEVELS, Scene, generate_scene
 from trimask.training.trainer import IMAGE_FRAME, decode, to_frame
 
@@ -101,6 +102,12 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
     # Interactive protocol for every level of every instance.
     targets = [levels[lv] for levels in inst for lv in range(3)]
     n_t = len(targets)
+    # A tight box around each target, alone (single-mask output).
+    boxes = torch.tensor(np.stack([to_frame(noisy_box(t, rng, noise=0.0).reshape(2, 2), hw).reshape(4) for t in targets]),
+                         dtype=torch.float32)
+    box_masks = postprocess(decode(sam, emb, None, None, boxes, None, False)[0], hw)[:, 0].numpy()
+    for j, (t, m) in enumerate(zip(targets, box_masks)):
+        res[f"box_{LEVELS[j % 3]}"].append(_iou(m, t))
     points: list[list[tuple[float, float]]] = [[_center(t)] for t in targets]
     labels: list[list[int]] = [[1] for _ in targets]
     prev = None
@@ -129,7 +136,7 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
 
 def _metric_names() -> list[str]:
     return ([f"best_of_3_{n}" for n in LEVELS] + ["ranked_first", "area_ordered"]
-            + [f"miou_{c}_clicks" for c in CLICK_COUNTS])
+            + [f"miou_{c}_clicks" for c in CLICK_COUNTS] + [f"box_{n}" for n in LEVELS])
 
 
 def evaluate(
