@@ -72,8 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and order (default 0)")
     f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
     f.add_argument("--focal-weight", type=float, default=20.0,
-                   help="weight of the focal term against dice (SAM: 20, the default; 0 = dice alone, e.g. for "
-                   "the embedded tiny model, which was trained without focal)")
+                   help="weight of the focal term against dice (SAM: 20, the default; 0 = dice alone)")
     f.set_defaults(func=run_finetune)
 
 

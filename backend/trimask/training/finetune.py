@@ -79,7 +79,7 @@ def finetune(
     """Fine-tune ``sam`` in place on the annotations of ``images``; returns the trainer's summary.
 
     ``focal_weight``: the focal term's weight against dice (SAM's 20 by default). A model trained
-    without focal, like the embedded tiny, can lose its masks under 20 x focal; 0 keeps dice alone.
+    without focal can lose its masks under 20 x focal; 0 keeps dice alone.
     """
     if focal_weight < 0:
         raise TrimaskError("--focal-weight must be 0 or more.")
