@@ -125,8 +125,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             log_file.flush()
 
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
-        summary = train(sam, cfg, samples, out=args.out, extra={"encoder_kwargs": {}, "similarity_init": args.similarity_init},
-                        log=log,
+        extra = {"encoder_kwargs": {}, "similarity_init": args.similarity_init}
+        summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
                         progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
     print(f"wrote {args.out} after {summary['steps']} steps in {summary['seconds'] / 60:.1f} min")
