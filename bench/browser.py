@@ -23,9 +23,10 @@ graph returning four float masks at full image resolution, exported with the onn
 helper's code in bench/decoder.py from the same weights), WASM with 1 and 2 threads,
 on a 1536 x 1024 and a 4000 x 3000 image (W x H). Prints markdown tables.
 
-With 2 threads trimask's page runs a second, one-thread decoder worker beside the main one
-(each decode on the worker lately faster: one thread beats two when other work holds a core;
-see frontend/src/decoder_client.ts); "fast1w" times the fast path without it, "fastclickgraph" with hover
+With 2 threads trimask's page runs two one-thread decoder workers beside the main one (each
+click on the worker lately faster: one thread beats two when other work holds a core; hover
+previews on the two one-thread workers side by side; see frontend/src/decoder_client.ts); "fast1w"
+times the fast path without them, "fastnopair" with one (previews one at a time), "fastclickgraph" with hover
 previews from the per-click graph instead of the hover graph (export/hover_decoder.py), and the official
 style always runs as a plain page would: one worker with all the threads. After each click or
 hover the benchmark waits until the page decodes nothing (its background probes included).
@@ -264,7 +265,7 @@ class Session:
 
 
 def wait_for_second_worker(pages: dict, threads: int) -> None:
-    """With 2+ threads trimask's page starts a one-thread second worker after the main one: time it once it decodes."""
+    """With 2+ threads trimask's page starts one-thread workers after the main one: time it once they decode."""
     if threads < 2:
         return
     for name, s in pages.items():
@@ -322,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="WASM thread counts to time")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
     parser.add_argument("--decoders", default="fp32,quantized,fast,official",
-                        help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the hover "
-                             "worker), fastclickgraph (fast, previews from the per-click graph), official "
+                        help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the one-thread "
+                             "workers), fastnopair (fast with one one-thread worker: no hover pair), fastclickgraph (fast, previews from the per-click graph), official "
                              "(always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
@@ -363,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fp32": ("trimask fp32", "fast=0"),
                 "quantized": ("trimask quantized", "fast=0&quantized=1"),
                 "fast": ("trimask fp32 + prepared fast path", "fast=1"),
-                # The same without the second, one-thread worker (the main worker with all threads only).
-                "fast1w": ("trimask fp32 + prepared fast path, no second worker", "fast=1&secondworker=0"),
+                # The same without the one-thread workers (the main worker with all threads only).
+                "fast1w": ("trimask fp32 + prepared fast path, no one-thread workers", "fast=1&secondworker=0"),
+                # The same with one one-thread worker: hover previews one at a time, no pair side by side.
+                "fastnopair": ("trimask fp32 + prepared fast path, one one-thread worker (no hover pair)", "fast=1&hoverpair=0"),
                 # Hover previews from the per-click graph (all four masks) instead of the hover graph.
                 "fastclickgraph": ("trimask fp32 + prepared fast path, previews from the click graph", "fast=1&hovergraph=0"),
                 # SAM's export style as a plain onnxruntime-web page would run it: one worker, all threads.

@@ -435,9 +435,10 @@ def _mask_layer_coverage(a) -> np.ndarray:
 
 
 def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_mask(annotator, server, python_decoder, images):
-    """With two threads a second, one-thread worker stands beside the main one (each decode on the
-    one lately faster): the preview left showing is the last pointer position's (no stale decode
-    queued, none arriving late). The preview (from the hover graph: one mask) is the mask the click
+    """With two threads two one-thread workers stand beside the main one (clicks on the one lately
+    faster, a moving pointer's previews on the two one-thread ones side by side): the preview left
+    showing is the last pointer position's (no stale decode queued, none arriving late, none older
+    than the one showing). The preview (from the hover graph: one mask) is the mask the click
     there preselects, and clicking there shows all three candidates and saves the mask Python's
     decoder gives."""
     a = annotator
@@ -446,8 +447,8 @@ def test_hover_previews_follow_the_pointer_and_a_click_there_saves_the_python_ma
     a.page.goto(f"{a.base}/?image={record['id']}&threads=2")
     a.wait_ready(record["id"])
     if a.page.evaluate("navigator.hardwareConcurrency < 2 || !self.crossOriginIsolated"):
-        pytest.skip("one core (or no cross-origin isolation): no second worker")
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('1-thread worker')")
+        pytest.skip("one core (or no cross-origin isolation): no one-thread workers")
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('2 × 1-thread worker')")
     assert "hover graph" in a.page.inner_text("[data-testid=status]")
     x, y = images["shapes"]["point"]
     for px, py in ((100, 100), (450, 200), (200, 300), (520, 320), (300, 120), (x, y)):

@@ -84,9 +84,9 @@ function createDecoder(status: Record<string, unknown> | null): DecoderClient {
     numThreads: settings.numThreads,
     wasmPaths: "/ort/",
     style: settings.style,
-    // With two or more threads, a second one-thread worker decodes previews alongside the main one,
-    // and clicks too while it is the faster (see decoder_client.ts).
-    secondWorker: settings.secondWorker && settings.backend === "wasm" && settings.numThreads >= 2,
+    // With two or more threads, one-thread workers beside the main one: they preview hovers side by
+    // side, and take clicks while one is the faster (see decoder_client.ts).
+    oneThreadWorkers: settings.backend === "wasm" && settings.numThreads >= 2 ? settings.oneThreadWorkers : 0,
   });
   client.onFatal = (message) => view.showError(`The decoder could not run: ${message}`);
   client.onBusy = (running) => (timings.busy = running);
@@ -332,7 +332,11 @@ function onMouseDown(e: MouseEvent): void {
     e.preventDefault();
     return;
   }
-  if (e.button === 0 || e.button === 2) press = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey };
+  if (e.button === 0 || e.button === 2) {
+    press = { x: e.clientX, y: e.clientY, button: e.button, shift: e.shiftKey };
+    // No preview starts while the button is down, so the click (at mouse-up) finds the workers sooner free.
+    decoder.cancelHover();
+  }
 }
 
 function onMouseMove(e: MouseEvent): void {
@@ -522,7 +526,7 @@ async function start(): Promise<void> {
       const status = `decoder: ${info.backend}${threads}${graphs}`;
       view.setStatus(status);
       draw();
-      void decoder.secondWorkerReady().then((on) => on && view.setStatus(`${status} + 1-thread worker`));
+      void decoder.oneThreadWorkersReady().then((n) => n && view.setStatus(`${status} + ${n} × 1-thread worker`));
     })
     .catch(() => {
       /* onFatal has shown the message */

@@ -1,4 +1,4 @@
-/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&fast=0|1). */
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&hoverpair=0&fast=0|1). */
 import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
 
 export interface Settings {
@@ -13,8 +13,11 @@ export interface Settings {
   hover: boolean;
   /** Hover previews from the hover graph when the server has it (?hovergraph=0: from the per-click graph). */
   hoverGraph: boolean;
-  /** A second, one-thread decoder worker when two or more threads are used (?secondworker=0: none). */
-  secondWorker: boolean;
+  /**
+   * One-thread decoder workers beside the main one when two or more threads are used: two, whose
+   * pair previews hovers side by side (?hoverpair=0: one; ?secondworker=0: none).
+   */
+  oneThreadWorkers: number;
   /** The two-graph fast path: forced on (?fast=1) or off (?fast=0); null: when the server lists it. */
   fastPath: boolean | null;
 }
@@ -34,7 +37,7 @@ export function readSettings(search: string, hardwareConcurrency: number, crossO
     imageId: image !== null && /^\d+$/.test(image) ? Number(image) : null,
     hover: q.get("hover") !== "0",
     hoverGraph: q.get("hovergraph") !== "0",
-    secondWorker: q.get("secondworker") !== "0",
+    oneThreadWorkers: q.get("secondworker") === "0" ? 0 : q.get("hoverpair") === "0" ? 1 : 2,
     fastPath: q.get("fast") === "1" ? true : q.get("fast") === "0" ? false : null,
   };
 }

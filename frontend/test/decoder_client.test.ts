@@ -17,7 +17,12 @@ class FakeWorker {
   postMessage(msg: WorkerRequest) {
     this.sent.push(msg);
     if (msg.type === "init") queueMicrotask(() => this.onmessage?.({ data: { type: "ready", backend: "wasm", numThreads: msg.numThreads } }));
-    if (msg.type === "embedding") queueMicrotask(() => this.onmessage?.({ data: { type: "embedding-ready", imageId: msg.imageId } }));
+    if (msg.type === "embedding" && !this.holdEmbeddings) this.confirm(msg.imageId);
+  }
+  /** Embeddings wait for confirm() instead of being confirmed at once. */
+  holdEmbeddings = false;
+  confirm(imageId: number) {
+    queueMicrotask(() => this.onmessage?.({ data: { type: "embedding-ready", imageId } }));
   }
   terminate() {
     this.terminated = true;
@@ -181,9 +186,9 @@ describe("decoder client with a second worker", () => {
   /** A client whose one-thread second worker is up and holds image 1's embedding. */
   async function twoWorkers() {
     vi.stubGlobal("Worker", FakeWorker);
-    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", secondWorker: true });
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", oneThreadWorkers: 1 });
     await c.ready();
-    expect(await c.secondWorkerReady()).toBe(true);
+    expect(await c.oneThreadWorkersReady()).toBe(1);
     await c.setEmbedding(1, new ArrayBuffer(8));
     await tick();
     const [main, second] = FakeWorker.all;
@@ -262,8 +267,150 @@ describe("decoder client with a second worker", () => {
     vi.stubGlobal("Worker", FakeWorker);
     const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask" });
     await c.ready();
-    expect(await c.secondWorkerReady()).toBe(false);
+    expect(await c.oneThreadWorkersReady()).toBe(0);
     expect(FakeWorker.all.length).toBe(1);
+  });
+});
+
+describe("decoder client with a pair of one-thread workers", () => {
+  const tick = () => new Promise((r) => setTimeout(r, 0));
+
+  /** A client with the main (two-thread) worker and two one-thread ones, all holding image 1. */
+  async function threeWorkers() {
+    vi.stubGlobal("Worker", FakeWorker);
+    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", oneThreadWorkers: 2 });
+    await c.ready();
+    expect(await c.oneThreadWorkersReady()).toBe(2);
+    await c.setEmbedding(1, new ArrayBuffer(8));
+    await tick();
+    const [main, a, b] = FakeWorker.all;
+    return { c, main, a, b };
+  }
+  const running = (...ws: FakeWorker[]) => ws.map((w) => w.decodes().map((d) => d.coords[0]));
+
+  it("the one-thread workers prepare a new image after the main one, one at a time", async () => {
+    const { c, main, a, b } = await threeWorkers();
+    const embeddings = (w: FakeWorker) => w.sent.filter((m) => m.type === "embedding").map((m) => (m as { imageId: number }).imageId);
+    for (const w of [main, a, b]) w.holdEmbeddings = true;
+    const ready = c.setEmbedding(2, new ArrayBuffer(8));
+    expect([embeddings(a), embeddings(b)]).toEqual([[1], [1]]);
+    main.confirm(2);
+    await ready;
+    expect([embeddings(a), embeddings(b)]).toEqual([[1, 2], [1]]);
+    a.confirm(2);
+    await tick();
+    expect([embeddings(a), embeddings(b)]).toEqual([[1, 2], [1, 2]]);
+    // Switched again while b prepares image 2: a gets image 3 only once b is done.
+    const again = c.setEmbedding(3, new ArrayBuffer(8));
+    main.confirm(3);
+    await again;
+    expect([embeddings(a), embeddings(b)]).toEqual([[1, 2], [1, 2]]);
+    b.confirm(2);
+    await tick();
+    expect([embeddings(a), embeddings(b)]).toEqual([[1, 2, 3], [1, 2]]);
+  });
+
+  /** Starts a moving pointer's stream of previews: the first (after rest) on the main worker, the next on the pair. */
+  async function stream(c: DecoderClient, main: FakeWorker) {
+    const first = c.decode(job("hover", 1));
+    expect(main.decodes().map((d) => d.coords[0])).toEqual([1]);
+    const superseded = c.decode(job("hover", 2));
+    const next = c.decode(job("hover", 3)); // waits: nothing decodes beside the main worker
+    expect(await superseded).toBeNull();
+    main.answer(main.decodes()[0].id, 1);
+    expect((await first)!.iou[0]).toBe(1);
+    return { next };
+  }
+
+  it("previews a moving pointer on the two one-thread workers side by side, and never goes back in time", async () => {
+    const { c, main, a, b } = await threeWorkers();
+    const init = (w: FakeWorker) => (w.sent.find((m) => m.type === "init") as Extract<WorkerRequest, { type: "init" }>).numThreads;
+    expect([main, a, b].map(init)).toEqual([2, 1, 1]);
+    const { next: h3 } = await stream(c, main);
+    const h4 = c.decode(job("hover", 4));
+    const h5 = c.decode(job("hover", 5));
+    expect(running(main, a, b)).toEqual([[1], [3], [4]]); // 5 waits for a free one
+    b.answer(b.decodes()[0].id, 4);
+    expect((await h4)!.iou[0]).toBe(4);
+    expect(running(main, a, b)).toEqual([[1], [3], [4, 5]]);
+    a.answer(a.decodes()[0].id, 3); // older than the preview already shown: dropped
+    expect(await h3).toBeNull();
+    b.answer(b.decodes()[1].id, 5);
+    expect((await h5)!.iou[0]).toBe(5);
+  });
+
+  it("a hover after the pointer rested goes to the fastest worker alone", async () => {
+    const { c, main, a, b } = await threeWorkers();
+    await stream(c, main);
+    a.answer(a.decodes()[0].id, 3);
+    await new Promise((r) => setTimeout(r, 150)); // longer than STREAM_GAP_MS
+    expect(running(main, a, b)).toEqual([[1, 3], [3], []]); // idle: the main worker, not measured yet, is probed
+    main.answer(main.decodes()[1].id, 3);
+    void c.decode(job("hover", 6));
+    void c.decode(job("hover", 7)); // waits for the main worker: the stream starts again after it
+    expect(running(main, a, b)).toEqual([[1, 3, 6], [3], []]);
+  });
+
+  it("a click waits for the pair's previews, then decodes alone on the main worker", async () => {
+    const { c, main, a, b } = await threeWorkers();
+    await stream(c, main);
+    void c.decode(job("hover", 4));
+    const click = c.decode(job("click", 9));
+    expect(running(main, a, b)).toEqual([[1], [3], [4]]);
+    a.answer(a.decodes()[0].id, 3);
+    await Promise.resolve();
+    expect(running(main)).toEqual([[1]]); // b still previews
+    b.answer(b.decodes()[0].id, 4);
+    await Promise.resolve();
+    expect(running(main, a, b)).toEqual([[1, 9], [3], [4]]);
+    void c.decode(job("hover", 5)); // waits: nothing decodes beside a click
+    expect(running(a, b)).toEqual([[3], [4]]);
+    main.answer(main.decodes()[1].id, 9);
+    expect((await click)!.iou[0]).toBe(9);
+  });
+
+  it("starts the pair's decodes half a decode apart, so previews come evenly spaced", async () => {
+    const { c, main, a, b } = await threeWorkers();
+    const { next: h3 } = await stream(c, main);
+    a.answer(a.decodes()[0].id, 3, 80); // one-thread decodes take 80 ms
+    await h3;
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "performance"] });
+    try {
+      void c.decode(job("hover", 4));
+      expect(running(a, b)).toEqual([[3, 4], []]);
+      vi.advanceTimersByTime(10);
+      void c.decode(job("hover", 5));
+      expect(running(b)).toEqual([[]]);
+      vi.advanceTimersByTime(29); // 39 ms after the other started
+      expect(running(b)).toEqual([[]]);
+      vi.advanceTimersByTime(1); // 40: half of 80
+      expect(running(b)).toEqual([[5]]);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("previews a moving pointer on the main worker when it is more than twice as fast alone, on the pair otherwise", async () => {
+    for (const [mainMs, oneMs, expected] of [[30, 90, "main"], [60, 90, "pair"]] as const) {
+      FakeWorker.all = [];
+      const { c, main, a, b } = await threeWorkers();
+      main.auto(mainMs);
+      a.auto(oneMs);
+      b.auto(oneMs);
+      // Clicks warm the main worker up and probes measure the others while idle.
+      for (let i = 1; i <= 16; i++) {
+        await c.decode(job("click", 100 + i));
+        for (let k = 0; k < 4; k++) await tick();
+      }
+      const taken: string[] = [];
+      for (let i = 1; i <= 5; i++) {
+        const before = main.decodes().length;
+        const out = await c.decode(job("hover", i)); // each within STREAM_GAP_MS of the last
+        expect(out!.iou[0]).toBe(i);
+        taken.push(main.decodes().slice(before).some((d) => d.coords[0] === i) ? "main" : "pair");
+      }
+      expect(taken.slice(1)).toEqual([expected, expected, expected, expected]);
+    }
   });
 });
 

@@ -9,9 +9,10 @@ describe("page settings", () => {
     expect(readSettings("?threads=2", 4, false).numThreads).toBe(1);
   });
 
-  it("has hover previews and the second worker on unless the URL turns them off", () => {
-    expect(readSettings("", 2, true)).toMatchObject({ hover: true, secondWorker: true });
-    expect(readSettings("?secondworker=0", 2, true)).toMatchObject({ hover: true, secondWorker: false });
+  it("has hover previews and two one-thread workers unless the URL turns them off", () => {
+    expect(readSettings("", 2, true)).toMatchObject({ hover: true, oneThreadWorkers: 2 });
+    expect(readSettings("?hoverpair=0", 2, true)).toMatchObject({ hover: true, oneThreadWorkers: 1 });
+    expect(readSettings("?secondworker=0", 2, true)).toMatchObject({ hover: true, oneThreadWorkers: 0 });
     expect(readSettings("?hover=0", 2, true).hover).toBe(false);
   });
 
