@@ -61,3 +61,53 @@ def test_noisy_box_stays_in_the_image_and_near_the_mask():
         x0, y0, x1, y1 = noisy_box(gt, np.random.default_rng(seed))
         assert 0 <= x0 <= x1 <= 31 and 0 <= y0 <= y1 <= 31
         assert abs(x0 - 4) <= 4 and abs(x1 - 19) <= 4
+
+
+def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_back(monkeypatch):
+    """The simulated interaction (trainer.image_step_loss): round 1 is the first click with the three
+    candidates; every later round adds one click drawn from the error region of the previous round's
+    prediction (labelled by the target there) and passes that prediction's logits as mask input."""
+    import torch
+
+    from trimask.models.build import build_sam
+    from trimask.training import losses, trainer
+
+    calls = []
+    real_decode = trainer.decode
+
+    def recording_decode(sam, embedding, points, labels, boxes, mask_input, multimask):
+        logits, iou = real_decode(sam, embedding, points, labels, boxes, mask_input, multimask)
+        calls.append((points.clone(), labels.clone(), None if mask_input is None else mask_input.clone(), multimask, logits.detach()))
+        return logits, iou
+
+    monkeypatch.setattr(trainer, "decode", recording_decode)
+    torch.manual_seed(0)
+    sam = build_sam("tiny", random_init=True)
+    mask = np.zeros((256, 256), bool)  # one mask per group (not a hierarchy): each round's target is it
+    mask[40:200, 60:180] = True
+    sample = trainer.Sample(np.zeros((256, 256, 3), np.uint8), [[mask], [mask]])
+    cfg = trainer.TrainConfig(rounds=3, box_start_prob=0.0)
+    embedding = torch.randn(1, 256, 64, 64)
+    loss, stats = trainer.image_step_loss(sam, embedding, sample, cfg, np.random.default_rng(0))
+
+    assert torch.isfinite(loss) and set(stats) >= {"iou_r1_best", "iou_r2", "iou_r3"}
+    assert [c[0].shape[1] for c in calls] == [1, 2, 3]  # one more click per round, per interaction
+    assert [c[3] for c in calls] == [True, False, False]  # three candidates first, then the single mask
+    assert calls[0][2] is None
+    target = trainer.low_res_target(mask)  # 256 x 256 image: one low-res pixel per image pixel
+    for rnd in (1, 2):
+        points, labels, mask_input, _, _ = calls[rnd]
+        before = calls[rnd - 1]
+        previous = before[4][:, :1] if rnd > 1 else None
+        if previous is not None:
+            assert torch.equal(mask_input, previous)  # the previous round's logits as mask input
+        else:  # after the three candidates: the one with the lowest mask loss against the target
+            t = torch.from_numpy(target).float()
+            for i in range(2):
+                best = int(torch.stack([losses.mask_loss(before[4][i, k][None], t[None]).sum() for k in range(3)]).argmin())
+                assert torch.equal(mask_input[i, 0], before[4][i, best])
+        predicted = (mask_input[:, 0] > 0).numpy()
+        for i in range(2):
+            x, y = (points[i, -1] / 4).floor().int().tolist()  # 1024 frame -> low-res pixel
+            assert predicted[i, y, x] != target[y, x], "the click is on an error of the previous prediction"
+            assert int(labels[i, -1]) == int(target[y, x])

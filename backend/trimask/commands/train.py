@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="start each image->token attention as a similarity match (shared orthonormal query/key "
                    "map): the decoder learns to follow a click about twice as fast from scratch")
     p.add_argument("--images-per-step", type=int, default=1, help="scenes per optimizer step (default 1)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="simulated interaction rounds per prompt: the first prompt, then clicks on the previous "
+                   "prediction's errors with its logits as mask input (default 2; SAM uses 11)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay; default 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -107,7 +110,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             m.reset_parameters()
     if args.similarity_init:
         similarity_init(sam)
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=2,
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
                       focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum))
