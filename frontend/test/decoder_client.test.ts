@@ -180,18 +180,22 @@ describe("decoder client with the hover graph", () => {
   });
 });
 
-describe("decoder client with a second worker", () => {
-  const tick = () => new Promise((r) => setTimeout(r, 0));
+const tick = () => new Promise((r) => setTimeout(r, 0));
 
-  /** A client whose one-thread second worker is up and holds image 1's embedding. */
+/** A two-thread client whose one-thread workers (this many) are up, all holding image 1's embedding; its workers, main first. */
+async function withOneThreadWorkers(n: number) {
+  vi.stubGlobal("Worker", FakeWorker);
+  const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", oneThreadWorkers: n });
+  await c.ready();
+  expect(await c.oneThreadWorkersReady()).toBe(n);
+  await c.setEmbedding(1, new ArrayBuffer(8));
+  await tick();
+  return { c, workers: FakeWorker.all };
+}
+
+describe("decoder client with a second worker", () => {
   async function twoWorkers() {
-    vi.stubGlobal("Worker", FakeWorker);
-    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", oneThreadWorkers: 1 });
-    await c.ready();
-    expect(await c.oneThreadWorkersReady()).toBe(1);
-    await c.setEmbedding(1, new ArrayBuffer(8));
-    await tick();
-    const [main, second] = FakeWorker.all;
+    const { c, workers: [main, second] } = await withOneThreadWorkers(1);
     return { c, main, second };
   }
 
@@ -273,17 +277,8 @@ describe("decoder client with a second worker", () => {
 });
 
 describe("decoder client with a pair of one-thread workers", () => {
-  const tick = () => new Promise((r) => setTimeout(r, 0));
-
-  /** A client with the main (two-thread) worker and two one-thread ones, all holding image 1. */
   async function threeWorkers() {
-    vi.stubGlobal("Worker", FakeWorker);
-    const c = new DecoderClient({ modelUrl: "/m", fastPath: null, backend: "wasm", numThreads: 2, wasmPaths: "/ort/", style: "trimask", oneThreadWorkers: 2 });
-    await c.ready();
-    expect(await c.oneThreadWorkersReady()).toBe(2);
-    await c.setEmbedding(1, new ArrayBuffer(8));
-    await tick();
-    const [main, a, b] = FakeWorker.all;
+    const { c, workers: [main, a, b] } = await withOneThreadWorkers(2);
     return { c, main, a, b };
   }
   const running = (...ws: FakeWorker[]) => ws.map((w) => w.decodes().map((d) => d.coords[0]));
