@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="image sizes WxH")
     parser.add_argument("--decoders", default="fp32,quantized,fast,official",
                         help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the one-thread "
-                             "workers), fastnopair (fast with one one-thread worker: no hover pair), fastclickgraph (fast, previews from the per-click graph), official "
-                             "(always timed: the ratios need it)")
+                             "workers), fastnopair (fast with one one-thread worker: no hover pair), fastclickgraph "
+                             "(fast, previews from the per-click graph), official (always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]

@@ -98,9 +98,8 @@ def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_bac
     for rnd in (1, 2):
         points, labels, mask_input, _, _ = calls[rnd]
         before = calls[rnd - 1]
-        previous = before[4][:, :1] if rnd > 1 else None
-        if previous is not None:
-            assert torch.equal(mask_input, previous)  # the previous round's logits as mask input
+        if rnd == 2:
+            assert torch.equal(mask_input, before[4])  # the previous round's single-mask logits
         else:  # after the three candidates: the one with the lowest mask loss against the target
             t = torch.from_numpy(target).float()
             for i in range(2):
