@@ -264,7 +264,7 @@ class Session:
         self.context.close()
 
 
-def wait_for_second_worker(pages: dict, threads: int) -> None:
+def wait_for_one_thread_workers(pages: dict, threads: int) -> None:
     """With 2+ threads trimask's page starts one-thread workers after the main one: time it once they decode."""
     if threads < 2:
         return
@@ -281,7 +281,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     label = f"{im['width']}x{im['height']} threads={threads}"
     print(f"  {label}: clicks", file=sys.stderr)
     pages = {name: Session(browser, base, im, f"threads={threads}&hover=0&{q}", files) for name, q in decoders.items()}
-    wait_for_second_worker(pages, threads)
+    wait_for_one_thread_workers(pages, threads)
     rng = np.random.default_rng(0)
     # The browser optimizes a worker's WASM code only after its first decodes (up to 3x slower).
     warmup = 5
@@ -302,7 +302,7 @@ def time_interleaved(browser, base: str, im: dict, threads: int, decoders: dict,
     print(f"  {label}: hovers", file=sys.stderr)
     hover_pages = {name: Session(browser, base, im, f"threads={threads}&{q}", files)
                    for name, q in decoders.items() if "official" not in name}
-    wait_for_second_worker(hover_pages, threads)
+    wait_for_one_thread_workers(hover_pages, threads)
     for _ in range(args.hovers + warmup):
         fx, fy = rng.uniform(0.15, 0.85, 2)
         for s in hover_pages.values():

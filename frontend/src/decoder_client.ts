@@ -425,10 +425,10 @@ export class DecoderClient {
     lane.decodes++;
     if (out) lane.lastMs = out.decodeMs;
     let own = out;
-    if (run.job.kind === "hover" && !run.probe) this.lastHoverEnd = performance.now();
-    if (out && run.job.kind === "hover" && !run.probe) {
-      if (id < this.lastPreviewId) own = null; // a newer preview is showing already
-      else this.lastPreviewId = id;
+    if (run.job.kind === "hover" && !run.probe) {
+      this.lastHoverEnd = performance.now();
+      if (out && id < this.lastPreviewId) own = null; // a newer preview is showing already
+      else if (out) this.lastPreviewId = id;
     }
     if (error) run.reject(error);
     else run.settle(own);
