@@ -93,3 +93,10 @@ def test_samples_writes_scenes_and_photos(tmp_path: Path):
         # a scene has objects on a background, not one flat colour
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 5
     assert (out / ".complete").exists()
+
+
+@pytest.mark.parametrize("args", [["--window-cells", "4"], ["--window-fraction", "1.5"]])
+def test_train_tiny_rejects_bad_window_settings_in_one_line(tmp_path: Path, args: list[str]):
+    line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
+    assert "window" in line
+    assert not (tmp_path / "t.pt").exists()

@@ -165,3 +165,67 @@ def test_similarity_init_makes_image_tokens_attend_to_the_nearer_click():
     after = _nearer_click_preference(sam, np.random.default_rng(0))
     assert after > 0.9
     assert after > before + 0.2
+
+
+def test_window_origins_hold_the_whole_or_else_the_first_click_target_inside_the_grid():
+    import numpy as np
+
+    from trimask.training.trainer import window_origins
+
+    targets = np.zeros((4, 3, 256, 256), bool)
+    targets[0, :, 140:220, 150:230] = True  # cells 35..54 x 37..57: fits a 32-cell window
+    targets[1, :, 0:20, 0:30] = True  # in the corner: the window starts at 0
+    targets[2, 2, 10:250, 100:120] = True  # a whole 60 cells tall ...
+    targets[2, :2, 200:240, 100:120] = True  # ... whose subpart and part sit low in it: the window holds those
+    targets[3, :, 10:250, 100:120] = True  # nothing fits: centred on the smallest
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(50):
+        o = window_origins(targets, 32, 64, rng)
+        assert ((o >= 0) & (o <= 32)).all()
+        y, x = o[0]
+        assert 4 * y <= 140 and 4 * (y + 32) >= 220 and 4 * x <= 150 and 4 * (x + 32) >= 230
+        seen.add((int(y), int(x)))
+        assert tuple(o[1]) == (0, 0)
+        assert 4 * o[2, 0] <= 200 and 4 * (o[2, 0] + 32) >= 240
+        assert o[3, 0] == 16 and 4 * o[3, 1] <= 100 and 4 * (o[3, 1] + 32) >= 120
+    assert len(seen) > 10  # random among the windows that hold it
+
+
+def test_prompts_whose_target_vanishes_at_low_resolution_are_left_out():
+    import numpy as np
+
+    from trimask.models.build import build_sam
+    from trimask.training import trainer
+
+    torch.manual_seed(0)
+    sam = build_sam("tiny", random_init=True)
+    big = np.zeros((1024, 1024), bool)
+    big[100:400, 100:400] = True
+    speck = np.zeros((1024, 1024), bool)
+    speck[700, 700] = True  # one pixel: nothing of it at 256 x 256
+    sample = trainer.Sample(np.zeros((1024, 1024, 3), np.uint8), [[speck], [big], [speck]])
+    cfg = trainer.TrainConfig(rounds=2, box_start_prob=0.0)
+    for seed in range(3):
+        loss, stats = trainer.image_step_loss(sam, torch.randn(1, 256, 64, 64), sample, cfg, np.random.default_rng(seed))
+        assert torch.isfinite(loss) and loss > 0 and "iou_r2" in stats
+    only_speck = trainer.Sample(sample.image, [[speck]])
+    loss, stats = trainer.image_step_loss(sam, torch.randn(1, 256, 64, 64), only_speck, cfg, np.random.default_rng(0))
+    assert float(loss) == 0.0 and stats == {}
+
+
+def test_decoder_with_one_image_window_per_prompt_matches_separate_calls():
+    from trimask.models.build import construct_sam
+
+    torch.manual_seed(0)
+    dec = construct_sam("tiny").mask_decoder.eval()
+    images, pes = torch.randn(2, 256, 16, 16), torch.randn(2, 256, 16, 16)
+    sparse, dense = torch.randn(2, 3, 256), torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        masks, iou = dec(images, pes, sparse, dense, True, per_prompt_images=True)
+        for i in range(2):
+            one_masks, one_iou = dec(images[i : i + 1], pes[i : i + 1], sparse[i : i + 1], dense[i : i + 1], True)
+            assert torch.allclose(masks[i], one_masks[0], atol=1e-5)
+            assert torch.allclose(iou[i], one_iou[0], atol=1e-5)
+        shared, _ = dec(images[:1], pes[:1], sparse, dense, True)  # official: one image for every prompt
+    assert not torch.allclose(shared[1], masks[1], atol=1e-3)

@@ -1,5 +1,6 @@
 """Simulated clicks: where they land, their labels, and determinism by seed."""
 import numpy as np
+import pytest
 
 from trimask.training.prompt_simulation import center_of_largest_error, noisy_box, sample_error_click, sample_point_in
 
@@ -63,10 +64,13 @@ def test_noisy_box_stays_in_the_image_and_near_the_mask():
         assert abs(x0 - 4) <= 4 and abs(x1 - 19) <= 4
 
 
-def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_back(monkeypatch):
+@pytest.mark.parametrize("window", [0, 32])
+def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_back(monkeypatch, window):
     """The simulated interaction (trainer.image_step_loss): round 1 is the first click with the three
     candidates; every later round adds one click drawn from the error region of the previous round's
-    prediction (labelled by the target there) and passes that prediction's logits as mask input."""
+    prediction (labelled by the target there) and passes that prediction's logits as mask input.
+    With window training each prompt's decoder sees its own window of the embedding and of the
+    positional encoding, holding the target, and its clicks are mapped back to the whole image."""
     import torch
 
     from trimask.models.build import build_sam
@@ -75,38 +79,57 @@ def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_bac
     calls = []
     real_decode = trainer.decode
 
-    def recording_decode(sam, embedding, points, labels, boxes, mask_input, multimask):
-        logits, iou = real_decode(sam, embedding, points, labels, boxes, mask_input, multimask)
-        calls.append((points.clone(), labels.clone(), None if mask_input is None else mask_input.clone(), multimask, logits.detach()))
+    def recording_decode(sam, embedding, points, labels, boxes, mask_input, multimask, image_pe=None):
+        logits, iou = real_decode(sam, embedding, points, labels, boxes, mask_input, multimask, image_pe)
+        calls.append((points.clone(), labels.clone(), None if mask_input is None else mask_input.clone(), multimask,
+                      logits.detach(), embedding, image_pe))
         return logits, iou
 
     monkeypatch.setattr(trainer, "decode", recording_decode)
     torch.manual_seed(0)
     sam = build_sam("tiny", random_init=True)
+    if window:
+        sam.prompt_encoder.image_embedding_size = (window, window)
     mask = np.zeros((256, 256), bool)  # one mask per group (not a hierarchy): each round's target is it
-    mask[40:200, 60:180] = True
+    mask[140:220, 150:230] = True  # 20 x 20 cells, away from the corner: windows start inside the grid
     sample = trainer.Sample(np.zeros((256, 256, 3), np.uint8), [[mask], [mask]])
     cfg = trainer.TrainConfig(rounds=3, box_start_prob=0.0)
     embedding = torch.randn(1, 256, 64, 64)
-    loss, stats = trainer.image_step_loss(sam, embedding, sample, cfg, np.random.default_rng(0))
+    loss, stats = trainer.image_step_loss(sam, embedding, sample, cfg, np.random.default_rng(0), window)
 
     assert torch.isfinite(loss) and set(stats) >= {"iou_r1_best", "iou_r2", "iou_r3"}
     assert [c[0].shape[1] for c in calls] == [1, 2, 3]  # one more click per round, per interaction
     assert [c[3] for c in calls] == [True, False, False]  # three candidates first, then the single mask
     assert calls[0][2] is None
-    target = trainer.low_res_target(mask)  # 256 x 256 image: one low-res pixel per image pixel
+    full_target = trainer.low_res_target(mask)  # 256 x 256 image: one low-res pixel per image pixel
+    origins = [(0, 0), (0, 0)]
+    if window:
+        pe = sam.prompt_encoder.pe_layer((64, 64))
+        origins = []
+        for i in range(2):  # find each prompt's window in the full embedding
+            win = calls[0][5][i]
+            found = [(y, x) for y in range(33) for x in range(33)
+                     if torch.equal(embedding[0, :, y:y + window, x:x + window], win)]
+            assert len(found) == 1
+            y, x = found[0]
+            assert torch.equal(calls[0][6][i], pe[:, y:y + window, x:x + window])
+            assert 4 * y <= 140 and 4 * (y + window) >= 220 and 4 * x <= 150 and 4 * (x + window) >= 230
+            assert (y, x) != (0, 0)
+            origins.append((y, x))
     for rnd in (1, 2):
-        points, labels, mask_input, _, _ = calls[rnd]
+        points, labels, mask_input, _, _, _, _ = calls[rnd]
         before = calls[rnd - 1]
         if rnd == 2:
             assert torch.equal(mask_input, before[4])  # the previous round's single-mask logits
-        else:  # after the three candidates: the one with the lowest mask loss against the target
-            t = torch.from_numpy(target).float()
-            for i in range(2):
+        for i, (oy, ox) in enumerate(origins):
+            side = mask_input.shape[-1]
+            target = full_target[4 * oy : 4 * oy + side, 4 * ox : 4 * ox + side]
+            if rnd == 1:  # after the three candidates: the one with the lowest mask loss against the target
+                t = torch.from_numpy(target).float()
                 best = int(torch.stack([losses.mask_loss(before[4][i, k][None], t[None]).sum() for k in range(3)]).argmin())
                 assert torch.equal(mask_input[i, 0], before[4][i, best])
-        predicted = (mask_input[:, 0] > 0).numpy()
-        for i in range(2):
+            predicted = np.zeros((256, 256), bool)
+            predicted[4 * oy : 4 * oy + side, 4 * ox : 4 * ox + side] = (mask_input[i, 0] > 0).numpy()
             x, y = (points[i, -1] / 4).floor().int().tolist()  # 1024 frame -> low-res pixel
-            assert predicted[i, y, x] != target[y, x], "the click is on an error of the previous prediction"
-            assert int(labels[i, -1]) == int(target[y, x])
+            assert predicted[y, x] != full_target[y, x], "the click is on an error of the previous prediction"
+            assert int(labels[i, -1]) == int(full_target[y, x])

@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=650, help="optimizer steps")
     p.add_argument("--coarse-fraction", type=float, default=0.8,
                    help="fraction of steps at the coarse 32x32 decoder grid (progressive resolution)")
+    p.add_argument("--window-fraction", type=float, default=0.0,
+                   help="fraction of steps (after the coarse ones) at which each prompt's decoder sees only a "
+                   "window of the full-resolution embedding around its object (default 0: none)")
+    p.add_argument("--window-cells", type=int, default=32,
+                   help="side of those windows in embedding cells, 8..64 (default 32: a quarter of the decoder's cost)")
     p.add_argument("--focal-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("FROM", "TO"),
                    help="raise the focal weight from 0 to SAM's 20 between these fractions of the run "
                    "(default 0 0: SAM's objective throughout)")
@@ -99,6 +104,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--seed must be between 0 and 99 so training scenes stay apart from the held-out ones.")
     if args.steps < 1:
         raise TrimaskError("--steps must be at least 1.")
+    if not 8 <= args.window_cells <= 64:
+        raise TrimaskError("--window-cells must be between 8 and 64 (the embedding is 64 x 64 cells).")
+    if not (0.0 <= args.window_fraction <= 1.0 and 0.0 <= args.coarse_fraction <= 1.0):
+        raise TrimaskError("--coarse-fraction and --window-fraction must be between 0 and 1.")
     _threads(args.threads)
     import torch
 
@@ -113,6 +122,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
+                      window_steps=int(args.steps * args.window_fraction), window_cells=args.window_cells,
                       focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum))
     base = args.seed * TRAIN_SEED_STRIDE
 

@@ -85,6 +85,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
         multimask_output: bool,
+        per_prompt_images: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """As the official decoder: masks B x (3 if multimask_output else 1) x 256 x 256 and IoU B x (3|1)."""
         masks, iou_pred = self.predict_masks(
@@ -92,6 +93,7 @@ class MaskDecoder(nn.Module):
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse_prompt_embeddings,
             dense_prompt_embeddings=dense_prompt_embeddings,
+            per_prompt_images=per_prompt_images,
         )
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou_pred[:, keep]
@@ -102,11 +104,14 @@ class MaskDecoder(nn.Module):
         image_pe: Tensor,
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
+        per_prompt_images: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """All tokens.
 
-        image_embeddings: 1 x C x H x W (or B x ..., one per prompt set); image_pe: 1 x C x H x W;
+        image_embeddings: 1 x C x H x W; image_pe: 1 x C x H x W;
         sparse_prompt_embeddings: B x N x C; dense_prompt_embeddings: B x C x H x W.
+        With ``per_prompt_images`` (training on windows of the embedding) image_embeddings and
+        image_pe are already B x C x H x W, one per prompt set, and are not repeated.
         Returns masks B x 4 x 4H x 4W (logits) and iou_pred B x 4.
         """
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -114,8 +119,11 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
 
         # One copy of the image per prompt set (the official repeat_interleave by the batch of tokens).
-        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+        if per_prompt_images:
+            src, pos_src = image_embeddings + dense_prompt_embeddings, image_pe
+        else:
+            src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense_prompt_embeddings
+            pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
         b, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)

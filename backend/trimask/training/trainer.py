@@ -67,6 +67,12 @@ class TrainConfig:
     # subparts settles on empty masks and never escapes; wholes pull it out within ~100 steps.
     # (0, 0): the full hierarchy throughout.
     level_curriculum: tuple[float, float] = (0.0, 0.0)
+    # Window training: for the first window_steps the decoder of each prompt sees only a
+    # window_cells x window_cells window of the full-resolution embedding (with the matching window
+    # of the positional encoding) that holds the prompt's whole, so it trains at the real resolution
+    # at the cost of a coarser grid (the decoder's cost grows with its image tokens).
+    window_cells: int = 0
+    window_steps: int = 0
 
 
 @dataclass
@@ -152,26 +158,54 @@ def decode(
     boxes: torch.Tensor | None,
     mask_input: torch.Tensor | None,
     multimask: bool,
+    image_pe: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run prompt encoder + mask decoder for N prompts on one image.
 
     embedding ``1 x 256 x 64 x 64``; points ``N x n x 2`` (1024 frame), labels ``N x n``;
     boxes ``N x 4`` (1024 frame); mask_input ``N x 1 x 256 x 256`` logits.
     Returns low-res logits ``N x K x 256 x 256`` and IoU predictions ``N x K`` (K = 3 or 1).
+    With ``image_pe`` (window training) embedding and image_pe are ``N x 256 x w x w`` windows,
+    one per prompt, and the logits and mask_input cover the windows (``4w x 4w``).
     """
     pts = (points, labels) if points is not None else None
     sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=mask_input)
-    grid = tuple(embedding.shape[-2:])
-    # The positional encoding is continuous in normalized coordinates, so a coarser grid
-    # (progressive-resolution training) sees a subsampled version of the same encoding.
-    image_pe = sam.prompt_encoder.pe_layer(grid).unsqueeze(0)
+    per_prompt = image_pe is not None
+    if image_pe is None:
+        # The positional encoding is continuous in normalized coordinates, so a coarser grid
+        # (progressive-resolution training) sees a subsampled version of the same encoding.
+        image_pe = sam.prompt_encoder.pe_layer(tuple(embedding.shape[-2:])).unsqueeze(0)
     return sam.mask_decoder(
         image_embeddings=embedding,
         image_pe=image_pe,
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=multimask,
+        per_prompt_images=per_prompt,
     )
+
+
+def window_origins(targets: np.ndarray, cells: int, grid: int, rng: np.random.Generator) -> np.ndarray:
+    """Random window positions (``N x 2``: row, column in embedding cells) for window training.
+
+    targets: ``N x 3 x 4g x 4g`` low-res masks of each prompt, smallest first. Each window of
+    ``cells x cells`` lies in the ``grid x grid`` embedding and holds the bounding box of the
+    prompt's whole or, when the whole is larger than the window, of its smallest target (the
+    first click's), which a window too small for even that is centred on.
+    """
+    out = np.zeros((len(targets), 2), np.int64)
+    for i, t in enumerate(targets):
+        for axis in (0, 1):
+            ranges = []
+            for m in (t[-1], t[0]):
+                idx = np.flatnonzero(m.any(axis=1 - axis)) // 4  # occupied cells along this axis
+                first, last = (int(idx[0]), int(idx[-1])) if len(idx) else (0, grid - 1)
+                ranges.append((max(0, last - cells + 1), min(first, grid - cells), first, last))
+            lo, hi, first, last = next((r for r in ranges if r[0] <= r[1]), ranges[-1])
+            if lo > hi:
+                lo = hi = min(max(0, (first + last + 1) // 2 - cells // 2), grid - cells)
+            out[i, axis] = rng.integers(lo, hi + 1)
+    return out
 
 
 def _pad3(group: list[np.ndarray]) -> list[np.ndarray]:
@@ -188,16 +222,41 @@ def _group_targets(groups: list[list[np.ndarray]], size: int) -> np.ndarray:
 
 
 def image_step_loss(
-    sam: Sam, embedding: torch.Tensor, sample: Sample, cfg: TrainConfig, rng: np.random.Generator
+    sam: Sam, embedding: torch.Tensor, sample: Sample, cfg: TrainConfig, rng: np.random.Generator,
+    window: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of the simulated interactions on one image (averaged over rounds). embedding ``1 x 256 x 64 x 64``."""
+    """Loss of the simulated interactions on one image (averaged over rounds). embedding ``1 x 256 x 64 x 64``.
+
+    window: 0, or the side in cells of each prompt's window of the embedding (window training).
+    """
     groups = [g for g in sample.groups if g and g[0].any()]
     if not groups:
         return embedding.sum() * 0.0, {}
     hw = sample.image.shape[:2]
-    low_res = 4 * embedding.shape[-1]  # 256 at full resolution
+    grid = embedding.shape[-1]
+    low_res = 4 * grid  # 256 at full resolution
     lr_scale = low_res / max(hw)  # image px -> low-res px
     targets_np = _group_targets(groups, low_res)  # N x 3 x low_res x low_res
+    offsets = np.zeros((len(groups), 2), np.int64)  # each prompt's window origin in low-res px (y, x)
+    image_pe = None
+    if window:
+        cells = window_origins(targets_np, window, grid, rng)
+        offsets = 4 * cells
+        pe = sam.prompt_encoder.pe_layer((grid, grid))
+        embedding = torch.stack([embedding[0, :, y : y + window, x : x + window] for y, x in cells])
+        image_pe = torch.stack([pe[:, y : y + window, x : x + window] for y, x in cells])
+        side = 4 * window
+        targets_np = np.stack([t[:, y : y + side, x : x + side] for t, (y, x) in zip(targets_np, offsets)])
+    # A target too small for the low-res frame (or outside its window) leaves nothing to click on.
+    keep = targets_np[:, 0].any(axis=(1, 2))
+    if not keep.all():
+        if not keep.any():
+            return embedding.sum() * 0.0, {}
+        groups = [g for g, k in zip(groups, keep) if k]
+        targets_np, offsets = targets_np[keep], offsets[keep]
+        if window:
+            idx = torch.from_numpy(np.flatnonzero(keep))
+            embedding, image_pe = embedding[idx], image_pe[idx]
     targets = torch.from_numpy(targets_np)
     n = len(groups)
     levels = rng.integers(3, size=n)  # which target each interaction refines
@@ -233,6 +292,7 @@ def image_step_loss(
                 if click is None:  # already exact: a positive point inside the target
                     click = (sample_point_in(level_np[i], rng), 1)
                 (x, y), lab = click
+                x, y = x + offsets[i, 1], y + offsets[i, 0]  # window -> full low-res frame
                 points[i].append((x / lr_scale, y / lr_scale))  # low-res px -> image px
                 labels[i].append(lab)
         pt = lb = None
@@ -240,7 +300,7 @@ def image_step_loss(
             pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32)
             lb = torch.tensor(labels, dtype=torch.float32)
         multimask = rnd == 0 and not box_start
-        logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask)
+        logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask, image_pe)
         if multimask and not full_hierarchy:
             m_loss, i_loss = losses.min_over_candidates_loss(logits, iou_pred, level_t)
             per = losses.mask_loss(logits.flatten(0, 1), level_t[:, None].expand_as(logits).flatten(0, 1))
@@ -344,11 +404,13 @@ def train(
 
     def meta() -> dict:
         return {**(extra or {}), "train": {**asdict(cfg), "steps_done": done, "coarse_steps_done": coarse_done,
+                                           "window_steps_done": window_done,
                                            "seconds": round(time.time() - start, 1)}}
 
     coarse_frac = cfg.coarse_steps / cfg.steps
+    window_frac = cfg.window_steps / cfg.steps
     emb_cache: dict[str, torch.Tensor] = {}
-    coarse_done = 0
+    coarse_done = window_done = 0
     for step in range(cfg.steps):
         # Progress through the schedule: by steps, or by time when a time budget is given (the
         # shared CPU's speed varies, so a budgeted run still decays and reaches full resolution).
@@ -367,8 +429,10 @@ def train(
             sample_idx += 1
         coarse = frac < coarse_frac and hasattr(sam.image_encoder, "forward_work")
         coarse_done += int(coarse)
+        window = cfg.window_cells if not coarse and frac < window_frac else 0
+        window_done += int(window > 0)
         grid = 32 if coarse else 64
-        sam.prompt_encoder.image_embedding_size = (grid, grid)
+        sam.prompt_encoder.image_embedding_size = (window, window) if window else (grid, grid)
         if not cfg.train_encoder and all(s.key is not None for s in batch):
             # Frozen encoder: each image is encoded once (fine-tuning official SAM on a CPU).
             for s in batch:
@@ -389,7 +453,7 @@ def train(
         with losses.focal_weight(focal_weight_at(frac, cfg)):
             for i, s in enumerate(batch):
                 s = Sample(s.image, restrict_levels(s.groups, n_levels), s.key)
-                part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng)
+                part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng, window)
                 loss = loss + part / len(batch)
                 step_stats.update(st)
         opt.zero_grad(set_to_none=True)
@@ -405,7 +469,7 @@ def train(
         if progress:
             progress(1)
         if step % 10 == 0 or done == cfg.steps:
-            log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} levels={n_levels} "
+            log(f"step {step} t={time.time() - start:.0f}s lr={lr_now:.2e} grid={grid} window={window} levels={n_levels} "
                 + " ".join(f"{k}={v:.3f}" for k, v in sorted(ema.items())))
         if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             save_checkpoint(sam, out, meta())
@@ -415,4 +479,4 @@ def train(
     sam.eval()
     for p in sam.parameters():
         p.requires_grad_(True)
-    return {"steps": done, "coarse_steps": coarse_done, "seconds": time.time() - start, "first_loss": first_loss, **ema}
+    return {"steps": done, "coarse_steps": coarse_done, "window_steps": window_done, "seconds": time.time() - start, "first_loss": first_loss, **ema}
