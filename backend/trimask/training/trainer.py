@@ -67,10 +67,10 @@ class TrainConfig:
     # subparts settles on empty masks and never escapes; wholes pull it out within ~100 steps.
     # (0, 0): the full hierarchy throughout.
     level_curriculum: tuple[float, float] = (0.0, 0.0)
-    # Window training: for the first window_steps the decoder of each prompt sees only a
-    # window_cells x window_cells window of the full-resolution embedding (with the matching window
-    # of the positional encoding) that holds the prompt's whole, so it trains at the real resolution
-    # at the cost of a coarser grid (the decoder's cost grows with its image tokens).
+    # Window training: from the end of the coarse steps up to window_steps the decoder of each
+    # prompt sees only a window_cells x window_cells window of the full-resolution embedding (with
+    # the matching window of the positional encoding) that holds the prompt's whole: the real
+    # resolution at the cost of the coarse grid (the decoder's cost grows with its image tokens).
     window_cells: int = 0
     window_steps: int = 0
 
