@@ -193,16 +193,18 @@ def window_origins(targets: np.ndarray, cells: int, grid: int, rng: np.random.Ge
     prompt's whole or, when the whole is larger than the window, of its smallest target (the
     first click's), which a window too small for even that is centred on.
     """
+    def span(m: np.ndarray, axis: int) -> tuple[int, int]:  # first and last occupied cell along axis
+        idx = np.flatnonzero(m.any(axis=1 - axis)) // 4
+        return (int(idx[0]), int(idx[-1])) if len(idx) else (0, grid - 1)
+
     out = np.zeros((len(targets), 2), np.int64)
     for i, t in enumerate(targets):
         for axis in (0, 1):
-            ranges = []
-            for m in (t[-1], t[0]):
-                idx = np.flatnonzero(m.any(axis=1 - axis)) // 4  # occupied cells along this axis
-                first, last = (int(idx[0]), int(idx[-1])) if len(idx) else (0, grid - 1)
-                ranges.append((max(0, last - cells + 1), min(first, grid - cells), first, last))
-            lo, hi, first, last = next((r for r in ranges if r[0] <= r[1]), ranges[-1])
-            if lo > hi:
+            first, last = span(t[-1], axis)
+            if last - first >= cells:  # the whole does not fit: hold the first click's target
+                first, last = span(t[0], axis)
+            lo, hi = max(0, last - cells + 1), min(first, grid - cells)
+            if lo > hi:  # not even that fits: centre on it
                 lo = hi = min(max(0, (first + last + 1) // 2 - cells // 2), grid - cells)
             out[i, axis] = rng.integers(lo, hi + 1)
     return out
