@@ -100,3 +100,46 @@ def test_train_tiny_rejects_bad_window_settings_in_one_line(tmp_path: Path, args
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert "window" in line
     assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize("args, named", [(["--init", "nowhere/tiny.pt"], "tiny.pt"),
+                                         (["--init", "x.pt", "--similarity-init"], "--similarity-init")])
+def test_train_tiny_rejects_a_bad_init_in_one_line(tmp_path: Path, args: list[str], named: str):
+    line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
+    assert named in line
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
+    import json
+
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+
+    def run(name: str, *extra: str) -> dict:
+        log = tmp_path / f"{name}.log"
+        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1", "--level-curriculum", "0", "0",
+                                  "--threads", "1", "--out", str(tmp_path / f"{name}.pt"), "--log", str(log), *extra],
+                       capture_output=True, text=True, check=True)
+        return json.loads(log.read_text().splitlines()[-1])
+
+    # lr 0: the step changes nothing, so the written weights are exactly the ones it started from.
+    kept = run("kept", "--init", str(BUNDLED_TINY_CHECKPOINT), "--lr", "0")
+    state, extra = read_checkpoint(tmp_path / "kept.pt")
+    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    assert state.keys() == bundled.keys()
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled)
+    assert extra["init"] == str(BUNDLED_TINY_CHECKPOINT)
+    # The trained weights answer the first step far better than a random start does.
+    scratch = run("scratch")
+    assert kept["first_loss"] < 0.5 * scratch["first_loss"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("command", [["train-tiny", "--steps", "1"],
+                                     ["finetune", "--model", "tiny", "--coco", "x.json", "--images", "."]])
+def test_training_on_a_missing_gpu_is_one_line(tmp_path: Path, command: list[str]):
+    line = _one_line_error([*command, "--out", str(tmp_path / "t.pt"), "--device", "cuda"])
+    assert "CUDA" in line
+    assert not (tmp_path / "t.pt").exists()

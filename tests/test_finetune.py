@@ -87,3 +87,22 @@ def test_focal_weight_reaches_the_loss_and_rejects_negative(tmp_path):
     assert first[0.0] < first[20.0] < first[40.0]
     with pytest.raises(TrimaskError, match="focal-weight"):
         finetune(build_sam("tiny", random_init=True), images, steps=1, focal_weight=-1.0, log=lambda s: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_the_gpu_matches_the_cpu_and_writes_a_cpu_checkpoint(tmp_path):
+    from trimask.training.scenes import generate_scene
+    from trimask.training.trainer import TrainConfig, scene_to_sample, train
+
+    # One coarse step and two at the full grid, both interaction rounds.
+    cfg = TrainConfig(seed=0, steps=3, prompts_per_image=4, rounds=2, coarse_steps=1, warmup_steps=1)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        sam = build_sam("tiny").to(device)
+        runs[device] = train(sam, cfg, lambda i, rng: scene_to_sample(generate_scene(i), rng, n_groups=4),
+                             out=tmp_path / f"{device}.pt", log=lambda _: None)
+    assert runs["cuda"]["steps"] == 3
+    assert runs["cuda"]["first_loss"] == pytest.approx(runs["cpu"]["first_loss"], rel=1e-2)
+    state = torch.load(tmp_path / "cuda.pt", weights_only=True)["model"]
+    assert all(v.device.type == "cpu" for v in state.values())
+    build_sam("tiny", tmp_path / "cuda.pt")

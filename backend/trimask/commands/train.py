@@ -15,9 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-tiny",
         help="train the embedded tiny model on generated scenes (SAM's objectives)",
-        description="Train the embedded 'tiny' SAM from scratch on procedurally generated whole/part/subpart "
-        "scenes with SAM's losses and simulated interactive prompting. Deterministic for a given --seed and "
-        "--steps (up to floating-point non-determinism of the CPU kernels).",
+        description="Train the embedded 'tiny' SAM from scratch (or from --init weights) on procedurally generated "
+        "whole/part/subpart scenes with SAM's losses and simulated interactive prompting, on the CPU or a CUDA GPU. "
+        "Deterministic for a given --seed and --steps (up to floating-point non-determinism of the kernels).",
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (scene stream and initialization), 0..99")
     p.add_argument("--out", type=Path, default=DEFAULT_TINY_OUT, help="checkpoint to write (fp16, rewritten periodically)")
@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--similarity-init", action="store_true",
                    help="start each image->token attention as a similarity match (shared orthonormal query/key "
                    "map): the decoder learns to follow a click about twice as fast from scratch")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these tiny weights (e.g. the bundled ones, to train them longer) instead of a "
+                   "random init; pass --level-curriculum 0 0, as the model already answers every level")
     p.add_argument("--images-per-step", type=int, default=1, help="scenes per optimizer step (default 1)")
     p.add_argument("--rounds", type=int, default=2,
                    help="simulated interaction rounds per prompt: the first prompt, then clicks on the previous "
@@ -48,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay; default 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to train (default: auto, CUDA when present; scenes are made on the CPU)")
     p.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
     p.set_defaults(func=run_train_tiny)
 
@@ -78,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     f.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and order (default 0)")
+    f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to train (default: auto, CUDA when present)")
     f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
     f.add_argument("--focal-weight", type=float, default=20.0,
                    help="weight of the focal term against dice (SAM: 20, the default; 0 = dice alone)")
@@ -96,7 +103,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from trimask.models.build import build_sam
+    from trimask.models.build import build_sam, read_checkpoint
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
     from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
 
@@ -108,17 +115,28 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--window-cells must be between 8 and 64 (the embedding is 64 x 64 cells).")
     if not (0.0 <= args.window_fraction <= 1.0 and 0.0 <= args.coarse_fraction <= 1.0):
         raise TrimaskError("--coarse-fraction and --window-fraction must be between 0 and 1.")
+    if args.init is not None and args.similarity_init:
+        raise TrimaskError("--similarity-init starts a decoder from scratch; it cannot be combined with --init.")
     _threads(args.threads)
     import torch
 
+    from trimask.embedder import resolve_device
+
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    sam = build_sam("tiny", random_init=True)
-    # A fresh seeded init (build_sam's random init is fixed; the run seed decides this one).
-    for m in sam.modules():
-        if hasattr(m, "reset_parameters") and m is not sam:
-            m.reset_parameters()
+    encoder_kwargs: dict = {}
+    if args.init is not None:
+        sam = build_sam("tiny", args.init)
+        encoder_kwargs = read_checkpoint(args.init)[1].get("encoder_kwargs") or {}
+    else:
+        sam = build_sam("tiny", random_init=True)
+        # A fresh seeded init (build_sam's random init is fixed; the run seed decides this one).
+        for m in sam.modules():
+            if hasattr(m, "reset_parameters") and m is not sam:
+                m.reset_parameters()
     if args.similarity_init:
         similarity_init(sam)
+    sam.to(device)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
@@ -138,7 +156,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             log_file.flush()
 
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
-        extra = {"encoder_kwargs": {}, "similarity_init": args.similarity_init}
+        extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
+                 "init": str(args.init) if args.init is not None else None}
         summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
                         progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))

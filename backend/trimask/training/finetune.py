@@ -102,9 +102,12 @@ def run_finetune_command(args: argparse.Namespace) -> int:
 
     from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
 
+    from trimask.embedder import resolve_device
+
     if args.steps < 1:
         raise TrimaskError("--steps must be at least 1.")
-    sam = build_sam(args.model, args.checkpoint)
+    device = resolve_device(args.device)
+    sam = build_sam(args.model, args.checkpoint).to(device)
     source = args.checkpoint or (BUNDLED_TINY_CHECKPOINT if args.model == "tiny" else None)
     extra = {}
     if source is not None:

@@ -259,8 +259,10 @@ def image_step_loss(
         if window:
             idx = torch.from_numpy(np.flatnonzero(keep))
             embedding, image_pe = embedding[idx], image_pe[idx]
-    targets = torch.from_numpy(targets_np)
+    dev = embedding.device
+    targets = torch.from_numpy(targets_np).to(dev)
     n = len(groups)
+    rows = torch.arange(n, device=dev)
     levels = rng.integers(3, size=n)  # which target each interaction refines
     # Every group a real 3-level hierarchy: match the levels to the candidates. Otherwise (e.g. a
     # single COCO mask) SAM's rule: the minimum loss over the three candidates for the target.
@@ -275,20 +277,20 @@ def image_step_loss(
         boxes = torch.tensor(
             np.stack([to_frame(noisy_box(_pad3(g)[levels[i]], rng).reshape(2, 2), hw).reshape(4)
                       for i, g in enumerate(groups)]),
-            dtype=torch.float32,
+            dtype=torch.float32, device=dev,
         )
     else:
         for i, g in enumerate(groups):
             points[i].append(sample_point_in(g[0], rng))
             labels[i].append(1)
-    level_t = targets[torch.arange(n), torch.from_numpy(levels)]  # N x 256 x 256
+    level_t = targets[rows, torch.from_numpy(levels).to(dev)]  # N x 256 x 256
     level_np = targets_np[np.arange(n), levels]
-    total = torch.zeros(())
+    total = torch.zeros((), device=dev)
     stats: dict[str, float] = {}
     prev: torch.Tensor | None = None
     for rnd in range(cfg.rounds):
         if rnd > 0:
-            prev_masks = (prev[:, 0] > 0).numpy()
+            prev_masks = (prev[:, 0] > 0).cpu().numpy()
             for i in range(n):
                 click = sample_error_click(prev_masks[i], level_np[i], rng)
                 if click is None:  # already exact: a positive point inside the target
@@ -299,15 +301,15 @@ def image_step_loss(
                 labels[i].append(lab)
         pt = lb = None
         if points[0]:
-            pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32)
-            lb = torch.tensor(labels, dtype=torch.float32)
+            pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32, device=dev)
+            lb = torch.tensor(labels, dtype=torch.float32, device=dev)
         multimask = rnd == 0 and not box_start
         logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask, image_pe)
         if multimask and not full_hierarchy:
             m_loss, i_loss = losses.min_over_candidates_loss(logits, iou_pred, level_t)
             per = losses.mask_loss(logits.flatten(0, 1), level_t[:, None].expand_as(logits).flatten(0, 1))
             best = per.view(n, -1).argmin(1)
-            prev = logits[torch.arange(n), best][:, None].detach()
+            prev = logits[rows, best][:, None].detach()
             stats["iou_r1_best"] = float(losses.mask_iou(prev[:, 0], level_t).mean())
         elif multimask:
             m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
@@ -316,8 +318,8 @@ def image_step_loss(
             for i in range(n):
                 hit = (assign[i] == int(levels[i])).nonzero()
                 idx.append(int(hit[0]) if len(hit) else 0)
-            prev = logits[torch.arange(n), torch.tensor(idx)][:, None].detach()
-            matched = targets[torch.arange(n)[:, None], assign]
+            prev = logits[rows, torch.tensor(idx, device=dev)][:, None].detach()
+            matched = targets[rows[:, None], assign]
             stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), matched.flatten(0, 1)).mean())
         else:
             m_loss = losses.mask_loss(logits[:, 0], level_t).mean()
@@ -365,8 +367,8 @@ def focal_weight_at(frac: float, cfg: TrainConfig) -> float:
 
 
 def save_checkpoint(sam: Sam, path: Path, extra: dict, *, half: bool = True) -> None:
-    """Write ``{"model": state dict, ...extra}`` atomically; fp16 by default (keeps tiny under 15 MB)."""
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in sam.state_dict().items()}
+    """Write ``{"model": state dict, ...extra}`` atomically, on the CPU; fp16 by default (keeps tiny under 15 MB)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in sam.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
@@ -387,10 +389,12 @@ def train(
 ) -> dict:
     """Train ``sam`` in place on ``samples(i, rng)`` for i = 0, 1, ...; checkpoints to ``out`` periodically.
 
-    Returns a summary: steps done, seconds, smoothed losses/IoUs.
+    Trains on the device ``sam`` is on (samples are made on the CPU). Returns a summary: steps
+    done, seconds, smoothed losses/IoUs.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    device = next(sam.parameters()).device
     for name, p in sam.named_parameters():
         p.requires_grad_(cfg.train_encoder or not name.startswith("image_encoder."))
     params = [p for p in sam.parameters() if p.requires_grad]
@@ -440,16 +444,16 @@ def train(
             for s in batch:
                 if s.key not in emb_cache:
                     with torch.no_grad():
-                        emb_cache[s.key] = sam.image_encoder(preprocess(s.image))
+                        emb_cache[s.key] = sam.image_encoder(preprocess(s.image).to(device))
             emb = torch.cat([emb_cache[s.key] for s in batch])
         else:
-            x = torch.cat([preprocess(s.image) for s in batch])
+            x = torch.cat([preprocess(s.image) for s in batch]).to(device)
             with torch.set_grad_enabled(cfg.train_encoder):
                 if coarse:
                     emb = sam.image_encoder.forward_work(F.avg_pool2d(x, 1024 // 128))
                 else:
                     emb = sam.image_encoder(x)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         step_stats: dict[str, float] = {}
         n_levels = levels_at(frac, cfg)
         with losses.focal_weight(focal_weight_at(frac, cfg)):
