@@ -100,9 +100,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     """``trimask finetune``: load model and COCO data, fine-tune with a progress bar, write the checkpoint."""
     from tqdm import tqdm
 
-    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
-
     from trimask.embedder import resolve_device
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
 
     if args.steps < 1:
         raise TrimaskError("--steps must be at least 1.")
