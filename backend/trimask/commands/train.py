@@ -103,7 +103,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from trimask.models.build import build_sam, read_checkpoint
+    from trimask.models.build import build_sam, build_sam_and_extra
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
     from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
 
@@ -126,8 +126,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     encoder_kwargs: dict = {}
     if args.init is not None:
-        sam = build_sam("tiny", args.init)
-        encoder_kwargs = read_checkpoint(args.init)[1].get("encoder_kwargs") or {}
+        sam, init_extra = build_sam_and_extra("tiny", args.init)
+        encoder_kwargs = init_extra.get("encoder_kwargs") or {}
     else:
         sam = build_sam("tiny", random_init=True)
         # A fresh seeded init (build_sam's random init is fixed; the run seed decides this one).

@@ -205,7 +205,14 @@ def load_checkpoint_into(sam: Sam, model_type: str, path: str | Path, state_dict
 
 
 def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_init: bool = False) -> Sam:
-    """Build a SAM in eval mode on CPU, fp32.
+    """Build a SAM in eval mode on CPU, fp32 (see ``build_sam_and_extra``)."""
+    return build_sam_and_extra(model_type, checkpoint, random_init=random_init)[0]
+
+
+def build_sam_and_extra(
+    model_type: str, checkpoint: str | Path | None = None, *, random_init: bool = False
+) -> tuple[Sam, dict[str, Any]]:
+    """Build a SAM in eval mode on CPU, fp32, with the extra entries of the checkpoint it was read from.
 
     Official types (vit_h, vit_l, vit_b, vit_t): checkpoint None gives a deterministic random
     init in the official layout; a checkpoint is loaded strictly (TrimaskError naming the model
@@ -213,7 +220,7 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_i
     ``tiny``: checkpoint None loads the bundled weights (TrimaskError if missing).
     random_init=True always gives the deterministic random init and reads no file.
     Our own checkpoints may be ``{"model": state_dict, "encoder_kwargs": {...}}``; for ``tiny``
-    the encoder_kwargs are passed to TinyImageEncoder.
+    the encoder_kwargs are passed to TinyImageEncoder. The extra entries are ``{}`` for a random init.
     """
     _check_model_type(model_type)
     if checkpoint is None and model_type == "tiny" and not random_init:
@@ -224,13 +231,13 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, *, random_i
         # The lock keeps a concurrent _without_parameter_init from skipping this model's init.
         with _INIT_PATCH_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_INIT_SEED)
-            return construct_sam(model_type)
+            return construct_sam(model_type), {}
     state_dict, extra = read_checkpoint(checkpoint)
     encoder_kwargs = extra.get("encoder_kwargs") if model_type == "tiny" else None
     with _without_parameter_init():
         sam = construct_sam(model_type, encoder_kwargs=encoder_kwargs)
     load_checkpoint_into(sam, model_type, checkpoint, state_dict)
-    return sam
+    return sam, extra
 
 
 # --- identity -------------------------------------------------------------------------------

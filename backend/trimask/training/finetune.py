@@ -101,18 +101,16 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trimask.embedder import resolve_device
-    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.models.build import build_sam_and_extra
 
     if args.steps < 1:
         raise TrimaskError("--steps must be at least 1.")
     device = resolve_device(args.device)
-    sam = build_sam(args.model, args.checkpoint).to(device)
-    source = args.checkpoint or (BUNDLED_TINY_CHECKPOINT if args.model == "tiny" else None)
+    sam, src_extra = build_sam_and_extra(args.model, args.checkpoint)
+    sam.to(device)
     extra = {}
-    if source is not None:
-        _, src_extra = read_checkpoint(source)
-        if "encoder_kwargs" in src_extra:
-            extra["encoder_kwargs"] = src_extra["encoder_kwargs"]
+    if "encoder_kwargs" in src_extra:
+        extra["encoder_kwargs"] = src_extra["encoder_kwargs"]
     images = load_coco_images(args.coco, args.images)
     with tqdm(total=args.steps, desc="finetune", unit="step", file=sys.stderr) as bar:
         summary = finetune(sam, images, steps=args.steps, lr=args.lr, seed=args.seed,
