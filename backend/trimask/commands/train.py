@@ -9,6 +9,9 @@ from pathlib import Path
 from trimask.errors import TrimaskError
 
 DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt"
+FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
+                  "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
+CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--similarity-init", action="store_true",
                    help="start each image->token attention as a similarity match (shared orthonormal query/key "
                    "map): the decoder learns to follow a click about twice as fast from scratch")
+    p.add_argument("--code-match-start", action="store_true",
+                   help="start the prompt encoder and mask decoder from the built code-match layout (a click is "
+                   "answered by matching per-level region codes the encoder writes; see the model card) instead "
+                   "of random weights")
+    p.add_argument("--code-pretrain-steps", type=int, default=0,
+                   help="with --code-match-start: first train the encoder alone to write those region codes "
+                   "for up to this many scenes (default 0: none)")
+    p.add_argument("--code-pretrain-minutes", type=float, default=None,
+                   help="stop that pre-training after this many minutes (on top of --minutes)")
+    p.add_argument("--code-loss-weight", type=float, default=0.0,
+                   help="add the region-code loss on the encoder's embedding to SAM's objectives with this weight "
+                   "(keeps a code-match start's codes apart while SAM's loss trains; default 0)")
+    p.add_argument("--freeze-decoder", action="store_true",
+                   help="keep the prompt encoder and the mask decoder's transformer, upscaling, hypernetworks and "
+                   "mask tokens as they start; train the image encoder, the IoU token and the IoU head")
     p.add_argument("--init", type=Path, default=None,
                    help="start from these tiny weights (e.g. the bundled ones, to train them longer) instead of a "
                    "random init; pass --level-curriculum 0 0, as the model already answers every level")
@@ -105,6 +123,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     from trimask.models.build import build_sam, build_sam_and_extra
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
+    from trimask.training.code_pretrain import prepare_encoder, pretrain_codes
+    from trimask.training.decoder_start import code_match_start
     from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
 
     if not 0 <= args.seed < 100:
@@ -117,6 +137,15 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--coarse-fraction and --window-fraction must be between 0 and 1.")
     if args.init is not None and args.similarity_init:
         raise TrimaskError("--similarity-init starts a decoder from scratch; it cannot be combined with --init.")
+    if args.code_match_start and (args.init is not None or args.similarity_init):
+        raise TrimaskError("--code-match-start sets the decoder's start itself; drop --init and --similarity-init.")
+    if args.code_loss_weight < 0:
+        raise TrimaskError("--code-loss-weight must be 0 or more.")
+    if args.code_pretrain_steps < 0:
+        raise TrimaskError("--code-pretrain-steps must be 0 or more.")
+    if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
+        raise TrimaskError("--code-pretrain-steps and --code-pretrain-minutes train codes for --code-match-start; "
+                           "pass it too.")
     _threads(args.threads)
     import torch
 
@@ -136,12 +165,16 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                 m.reset_parameters()
     if args.similarity_init:
         similarity_init(sam)
+    if args.code_match_start:
+        code_match_start(sam)
+        prepare_encoder(sam.image_encoder)
     sam.to(device)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
                       window_steps=int(args.steps * args.window_fraction), window_cells=args.window_cells,
-                      focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum))
+                      focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum),
+                      code_loss_weight=args.code_loss_weight, frozen=FROZEN_DECODER if args.freeze_decoder else ())
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):
@@ -155,9 +188,18 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             log_file.write(line + "\n")
             log_file.flush()
 
+    code_summary = None
+    if args.code_pretrain_steps:
+        with tqdm(total=args.code_pretrain_steps, desc="codes", unit="step", file=sys.stderr) as bar:
+            code_summary = pretrain_codes(
+                sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i),
+                steps=args.code_pretrain_steps, seed=args.seed, log=log, progress=bar.update,
+                max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
         extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
-                 "init": str(args.init) if args.init is not None else None}
+                 "init": str(args.init) if args.init is not None else None,
+                 "code_match_start": args.code_match_start, "code_pretrain": code_summary}
         summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
                         progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from trimask.models.sam import Sam
 from trimask.preprocess import get_preprocess_shape, preprocess
 from trimask.training import losses
+from trimask.training.code_pretrain import region_code_loss
 from trimask.training.prompt_simulation import noisy_box, sample_error_click, sample_point_in
 from trimask.training.scenes import Scene
 
@@ -73,6 +74,13 @@ class TrainConfig:
     # resolution at the cost of the coarse grid (the decoder's cost grows with its image tokens).
     window_cells: int = 0
     window_steps: int = 0
+    # Parameters whose names start with one of these stay as they are (e.g. a built decoder start
+    # while the encoder learns to feed it: "mask_decoder.transformer.").
+    frozen: tuple[str, ...] = ()
+    # Weight of the region-code loss (``code_pretrain.region_code_loss``) on the encoder's embedding,
+    # added to SAM's objectives for samples made from generated scenes at the 64 x 64 grid. It keeps
+    # the codes of a code-match start apart while SAM's loss trains (0: SAM's objectives alone).
+    code_loss_weight: float = 0.0
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Sample:
     image: np.ndarray
     groups: list[list[np.ndarray]]
     key: str | None = None  # identifies the image: embeddings are cached by it when the encoder is frozen
+    scene: Scene | None = None  # the generated scene it was made from (its label maps), if any
 
 
 def levels_at(frac: float, cfg: TrainConfig) -> int:
@@ -129,7 +138,7 @@ def scene_to_sample(scene: Scene, rng: np.random.Generator, *, n_groups: int = 3
             continue
         sub, part, whole = scene.masks_at(int(y), int(x))
         groups.append([sub, part, whole])
-    return Sample(scene.image, groups)
+    return Sample(scene.image, groups, scene=scene)
 
 
 def to_frame(xy: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -396,7 +405,7 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     device = next(sam.parameters()).device
     for name, p in sam.named_parameters():
-        p.requires_grad_(cfg.train_encoder or not name.startswith("image_encoder."))
+        p.requires_grad_((cfg.train_encoder or not name.startswith("image_encoder.")) and not name.startswith(tuple(cfg.frozen)))
     params = [p for p in sam.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     sam.train()
@@ -458,8 +467,12 @@ def train(
         n_levels = levels_at(frac, cfg)
         with losses.focal_weight(focal_weight_at(frac, cfg)):
             for i, s in enumerate(batch):
-                s = Sample(s.image, restrict_levels(s.groups, n_levels), s.key)
+                s = Sample(s.image, restrict_levels(s.groups, n_levels), s.key, s.scene)
                 part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng, window)
+                if cfg.code_loss_weight and s.scene is not None and not coarse:
+                    code, _ = region_code_loss(emb[i : i + 1], s.scene, rng)
+                    part = part + cfg.code_loss_weight * code
+                    st = {**st, "code": float(code.detach())}
                 loss = loss + part / len(batch)
                 step_stats.update(st)
         opt.zero_grad(set_to_none=True)

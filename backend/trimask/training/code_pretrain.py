@@ -1,0 +1,127 @@
+"""Pre-training the tiny encoder to write region codes for the code-match decoder start.
+
+``trimask.training.decoder_start`` lays SAM's decoder out to answer a click by comparing, per level,
+a 16-channel code at every cell with the code under the click. This module trains the image
+encoder to write such codes on generated scenes: for random anchor cells on objects and every cell
+of the 64 x 64 grid, the dot product of their level-l codes is pushed above ``MATCH`` when both lie
+in the same subpart / part / whole and below it otherwise (a logistic loss on the dot product,
+positives and negatives weighted equally). A dense, per-cell signal: it trains in minutes where the
+decoder's objectives need hours to find the same structure.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trimask.preprocess import preprocess
+from trimask.training.decoder_start import CODE, CODE_CHANNELS
+from trimask.training.scenes import Scene
+
+MATCH = 8.0  # dot products of one region's codes aim above this (codes of norm ~4), others below
+MATCH_WIDTH = 2.0
+GRID = 64
+
+
+def cell_labels(scene: Scene, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Region ids at the cell centres: ``3 x grid*grid`` (subpart, part, whole) and the object mask.
+
+    A cell in a part without subparts gets that part as its subpart (the smallest region there).
+    """
+    step = scene.image.shape[0] // grid
+    at = slice(step // 2, None, step)
+    part = scene.part_map[at, at].astype(np.int64)
+    sub = scene.subpart_map[at, at].astype(np.int64)
+    sub = np.where(sub > 0, sub, part + int(scene.subpart_map.max()) + 1)
+    whole = scene.whole_map[at, at].astype(np.int64)
+    return np.stack([sub.ravel(), part.ravel(), whole.ravel()]), whole.ravel() > 0
+
+
+def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
+                     anchors: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pull/push loss on one scene's ``1 x 256 x 64 x 64`` embedding; returns (loss, stats)."""
+    labels, on_object = cell_labels(scene, embedding.shape[-1])
+    cells = np.flatnonzero(on_object)
+    if len(cells) == 0:
+        return embedding.sum() * 0.0, {}
+    pick = rng.choice(cells, size=min(anchors, len(cells)), replace=False)
+    on_object_t = torch.from_numpy(on_object)[None, :]
+    total = embedding.new_zeros(())
+    stats: dict[str, float] = {}
+    for lv, name in enumerate(("subpart", "part", "whole")):
+        codes = embedding[0, list(CODE[lv])].flatten(1)  # 16 x cells
+        dots = codes[:, pick].T @ codes  # anchors x cells
+        same = torch.from_numpy(labels[lv][pick][:, None] == labels[lv][None, :]) & on_object_t
+        bce = F.binary_cross_entropy_with_logits((dots - MATCH) / MATCH_WIDTH, same.float(), reduction="none")
+        total = total + bce[same].mean() + bce[~same].mean()
+        stats[f"gap_{name}"] = float((dots[same].mean() - dots[~same].mean()).detach())
+    return total, stats
+
+
+def prepare_encoder(encoder: torch.nn.Module) -> None:
+    """Silence the tiny encoder's channels outside the codes (its last LayerNorm's scale and shift to 0).
+
+    Their weights then get no gradient from the code loss and stay at 0; SAM's objectives may use them later.
+    """
+    norm = encoder.neck[-1]
+    other = [c for c in range(norm.weight.shape[0]) if c not in set(CODE_CHANNELS)]
+    with torch.no_grad():
+        norm.weight[other] = 0.0
+        norm.bias.zero_()
+
+
+def pretrain_codes(
+    encoder: torch.nn.Module,
+    scenes: Callable[[int], Scene],
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float = 2e-3,
+    max_seconds: float | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Train ``encoder`` (in place, on its device) on ``scenes(i)``, one scene per step.
+
+    AdamW with 50 warm-up steps and cosine decay to 5 % over the steps (or over ``max_seconds`` when
+    given, whichever ends first). Returns steps done, seconds and the smoothed loss.
+    """
+    rng = np.random.default_rng(seed)
+    device = next(encoder.parameters()).device
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
+    encoder.train()
+    start = time.time()
+    ema = None
+    done = 0
+    for step in range(steps):
+        frac = step / steps
+        if max_seconds is not None:
+            frac = max(frac, (time.time() - start) / max_seconds)
+        if frac >= 1.0:
+            break
+        warm = min(1.0, (step + 1) / 50)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        scene = scenes(step)
+        embedding = encoder(preprocess(scene.image).to(device))
+        loss, stats = region_code_loss(embedding, scene, rng)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        done = step + 1
+        if progress:
+            progress(1)
+        if step % 20 == 0:
+            log(f"codes step {step} t={time.time() - start:.0f}s loss={ema:.3f} "
+                + " ".join(f"{k}={v:.1f}" for k, v in stats.items()))
+    encoder.eval()
+    return {"steps": done, "seconds": time.time() - start, "loss": ema}
