@@ -192,3 +192,18 @@ def test_a_frozen_decoder_keeps_its_start_while_the_encoder_learns_with_the_code
     assert not torch.equal(before["image_encoder.stem.0.0.weight"], after["image_encoder.stem.0.0.weight"])
     assert not torch.equal(before["mask_decoder.iou_prediction_head.layers.0.weight"],
                            after["mask_decoder.iou_prediction_head.layers.0.weight"])
+
+
+def test_code_pretrain_minutes_alone_run_until_the_time_limit(tmp_path):
+    import subprocess
+    import sys
+
+    from trimask.models.build import read_checkpoint
+
+    subprocess.run([sys.executable, "-m", "trimask.cli", "train-tiny", "--steps", "1", "--coarse-fraction", "1",
+                    "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
+                    "--code-pretrain-minutes", "0.05", "--out", str(tmp_path / "t.pt")],
+                   capture_output=True, text=True, check=True)
+    _, extra = read_checkpoint(tmp_path / "t.pt")
+    assert extra["code_pretrain"]["steps"] >= 1
+    assert 3 <= extra["code_pretrain"]["seconds"] < 30

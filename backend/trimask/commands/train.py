@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --code-match-start: first train the encoder alone to write those region codes "
                    "for up to this many scenes (default 0: none)")
     p.add_argument("--code-pretrain-minutes", type=float, default=None,
-                   help="stop that pre-training after this many minutes (on top of --minutes)")
+                   help="stop that pre-training after this many minutes (on top of --minutes; alone, it sets "
+                   "no step limit)")
     p.add_argument("--code-loss-weight", type=float, default=0.0,
                    help="add the region-code loss on the encoder's embedding to SAM's objectives with this weight "
                    "(keeps a code-match start's codes apart while SAM's loss trains; default 0)")
@@ -122,9 +123,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trimask.models.build import build_sam, build_sam_and_extra
-    from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
     from trimask.training.code_pretrain import prepare_encoder, pretrain_codes
     from trimask.training.decoder_start import code_match_start
+    from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
     from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
 
     if not 0 <= args.seed < 100:
@@ -146,6 +147,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
         raise TrimaskError("--code-pretrain-steps and --code-pretrain-minutes train codes for --code-match-start; "
                            "pass it too.")
+    code_steps_bound = args.code_pretrain_steps or None
+    if args.code_pretrain_minutes and not args.code_pretrain_steps:
+        args.code_pretrain_steps = 10**9  # the time limit ends it
     _threads(args.threads)
     import torch
 
@@ -190,7 +194,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     code_summary = None
     if args.code_pretrain_steps:
-        with tqdm(total=args.code_pretrain_steps, desc="codes", unit="step", file=sys.stderr) as bar:
+        with tqdm(total=code_steps_bound, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
                 sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i),
                 steps=args.code_pretrain_steps, seed=args.seed, log=log, progress=bar.update,

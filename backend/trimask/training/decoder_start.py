@@ -45,8 +45,9 @@ MASK_TYPES = (73, 74, 75, 76)
 BOX_TYPES = (77, 78)
 PAD_TYPE = 79
 DENSE = 90  # a constant in every image cell keeps the LayerNorms of empty cells from amplifying noise
-ZERO_FREQUENCY = tuple(range(8, 96))  # positional columns set to 0: sin channels 0, cos channels 1
-FREE_FREQUENCIES = 96  # columns 96..127 keep their random frequencies for the rest of the positional work
+# Positional columns set to frequency 0 (their sin channels 0, cos channels 1), so the channels the
+# layout uses carry no position; columns 96..127 keep their random frequencies for everything else.
+ZERO_FREQUENCY = tuple(range(8, 96))
 
 # Gains, tuned on oracle codes (random unit vectors x 4 per region and level): best-of-three IoU
 # 0.21 / 0.78 / 0.93 for subpart / part / whole on 10 held-out scenes with no training at all.
