@@ -47,11 +47,11 @@ def _part_clicks(scene, count: int) -> list[tuple[np.ndarray, np.ndarray, tuple[
     return [(p, w, _center(p)) for _, p, w in found[:count]]
 
 
-def _answers(sam, emb, clicks, labels=None, multimask=True) -> np.ndarray:
+def _answers(sam, emb, clicks, multimask=True) -> np.ndarray:
+    """Masks at image resolution for positive clicks (one list of (x, y) per prompt)."""
     pts = torch.tensor(np.stack([to_frame(np.array(c), (256, 256)) for c in clicks]), dtype=torch.float32)
-    lbl = torch.ones(pts.shape[:2]) if labels is None else torch.tensor(labels, dtype=torch.float32)
     with torch.no_grad():
-        logits, _ = decode(sam, emb, pts, lbl, None, None, multimask)
+        logits, _ = decode(sam, emb, pts, torch.ones(pts.shape[:2]), None, None, multimask)
     return postprocess(logits, (256, 256)).numpy()
 
 

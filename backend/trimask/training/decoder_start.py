@@ -17,8 +17,8 @@ fixed channels of the embedding:
   subpart / part / whole mark (token 0, the single-mask output, the whole).
 
 Everything else passes through (residuals and norms). The IoU head, box prompts and the mask input
-are left for training; SAM's objectives then train every weight from this start. Nothing here
-changes the architecture or the product path (ONNX decoder, browser).
+are left for training, which takes over from this start (the model card says what SAM's loss does
+to it). Nothing here changes the architecture or the product path (ONNX decoder, browser).
 """
 from __future__ import annotations
 
