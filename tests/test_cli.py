@@ -136,6 +136,49 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
     assert kept["first_loss"] < 0.5 * scratch["first_loss"]
 
 
+@pytest.mark.parametrize("args, named", [(["--code-pretrain-steps", "5"], "--code-match-start"),
+                                         (["--code-match-start", "--similarity-init"], "--similarity-init")])
+def test_train_tiny_rejects_code_settings_without_their_start(tmp_path: Path, args: list[str], named: str):
+    line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
+    assert named in line
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
+    import json
+
+    import torch
+
+    from trimask.models.build import build_sam, read_checkpoint
+    from trimask.training.decoder_start import FETCH_FREQUENCIES
+
+    log = tmp_path / "run.log"
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
+                              "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
+                              "--code-pretrain-steps", "3", "--out", str(tmp_path / "t.pt"), "--log", str(log)],
+                   capture_output=True, text=True, check=True)
+    _, extra = read_checkpoint(tmp_path / "t.pt")
+    assert extra["code_match_start"] is True
+    assert extra["code_pretrain"]["steps"] == 3
+    assert "codes step 0" in log.read_text()
+    sam = build_sam("tiny", tmp_path / "t.pt")
+    g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    assert torch.allclose(g[:, :8], torch.tensor(FETCH_FREQUENCIES), atol=1e-2)  # the start's layout, kept
+    json.loads(log.read_text().splitlines()[-1])
+
+
+def test_code_pretrain_minutes_alone_run_until_the_time_limit(tmp_path: Path):
+    from trimask.models.build import read_checkpoint
+
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
+                              "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
+                              "--code-pretrain-minutes", "0.05", "--out", str(tmp_path / "t.pt")],
+                   capture_output=True, text=True, check=True)
+    _, extra = read_checkpoint(tmp_path / "t.pt")
+    assert extra["code_pretrain"]["steps"] >= 1
+    assert 3 <= extra["code_pretrain"]["seconds"] < 30
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
 @pytest.mark.parametrize("command", [["train-tiny", "--steps", "1"],
                                      ["finetune", "--model", "tiny", "--coco", "x.json", "--images", "."]])

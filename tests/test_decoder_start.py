@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -135,42 +134,6 @@ def test_cell_labels_give_the_smallest_region_at_each_cell():
     assert not set(labels[0][no_sub]) & set(np.unique(scene.subpart_map[scene.subpart_map > 0]))
 
 
-@pytest.mark.parametrize("args, named", [(["--code-pretrain-steps", "5"], "--code-match-start"),
-                                         (["--code-match-start", "--similarity-init"], "--similarity-init")])
-def test_train_tiny_rejects_code_settings_without_their_start(tmp_path, args, named):
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "trimask.cli", "train-tiny", "--steps", "1",
-                          "--out", str(tmp_path / "t.pt"), *args], capture_output=True, text=True)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0]
-    assert not (tmp_path / "t.pt").exists()
-
-
-def test_train_tiny_with_code_match_start_records_it(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from trimask.models.build import build_sam as build, read_checkpoint
-
-    log = tmp_path / "run.log"
-    subprocess.run([sys.executable, "-m", "trimask.cli", "train-tiny", "--steps", "1", "--coarse-fraction", "1",
-                    "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
-                    "--code-pretrain-steps", "3", "--out", str(tmp_path / "t.pt"), "--log", str(log)],
-                   capture_output=True, text=True, check=True)
-    _, extra = read_checkpoint(tmp_path / "t.pt")
-    assert extra["code_match_start"] is True
-    assert extra["code_pretrain"]["steps"] == 3
-    assert "codes step 0" in log.read_text()
-    sam = build("tiny", tmp_path / "t.pt")
-    g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-    assert torch.allclose(g[:, :8], torch.tensor(FETCH_FREQUENCIES), atol=1e-2)  # the start's layout, kept
-    json.loads(log.read_text().splitlines()[-1])
-
-
 def test_a_frozen_decoder_keeps_its_start_while_the_encoder_learns_with_the_code_loss():
     from trimask.commands.train import FROZEN_DECODER
     from trimask.training.trainer import TrainConfig, scene_to_sample, train
@@ -192,18 +155,3 @@ def test_a_frozen_decoder_keeps_its_start_while_the_encoder_learns_with_the_code
     assert not torch.equal(before["image_encoder.stem.0.0.weight"], after["image_encoder.stem.0.0.weight"])
     assert not torch.equal(before["mask_decoder.iou_prediction_head.layers.0.weight"],
                            after["mask_decoder.iou_prediction_head.layers.0.weight"])
-
-
-def test_code_pretrain_minutes_alone_run_until_the_time_limit(tmp_path):
-    import subprocess
-    import sys
-
-    from trimask.models.build import read_checkpoint
-
-    subprocess.run([sys.executable, "-m", "trimask.cli", "train-tiny", "--steps", "1", "--coarse-fraction", "1",
-                    "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
-                    "--code-pretrain-minutes", "0.05", "--out", str(tmp_path / "t.pt")],
-                   capture_output=True, text=True, check=True)
-    _, extra = read_checkpoint(tmp_path / "t.pt")
-    assert extra["code_pretrain"]["steps"] >= 1
-    assert 3 <= extra["code_pretrain"]["seconds"] < 30

@@ -147,9 +147,6 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
         raise TrimaskError("--code-pretrain-steps and --code-pretrain-minutes train codes for --code-match-start; "
                            "pass it too.")
-    code_steps_bound = args.code_pretrain_steps or None
-    if args.code_pretrain_minutes and not args.code_pretrain_steps:
-        args.code_pretrain_steps = 10**9  # the time limit ends it
     _threads(args.threads)
     import torch
 
@@ -193,11 +190,12 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             log_file.flush()
 
     code_summary = None
-    if args.code_pretrain_steps:
-        with tqdm(total=code_steps_bound, desc="codes", unit="step", file=sys.stderr) as bar:
+    if args.code_pretrain_steps or args.code_pretrain_minutes:
+        with tqdm(total=args.code_pretrain_steps or None, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
                 sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i),
-                steps=args.code_pretrain_steps, seed=args.seed, log=log, progress=bar.update,
+                steps=args.code_pretrain_steps or 10**9,  # minutes alone: the time limit ends it
+                seed=args.seed, log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:

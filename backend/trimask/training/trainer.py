@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -467,7 +467,7 @@ def train(
         n_levels = levels_at(frac, cfg)
         with losses.focal_weight(focal_weight_at(frac, cfg)):
             for i, s in enumerate(batch):
-                s = Sample(s.image, restrict_levels(s.groups, n_levels), s.key, s.scene)
+                s = replace(s, groups=restrict_levels(s.groups, n_levels))
                 part, st = image_step_loss(sam, emb[i : i + 1], s, cfg, rng, window)
                 if cfg.code_loss_weight and s.scene is not None and not coarse:
                     code, _ = region_code_loss(emb[i : i + 1], s.scene, rng)
