@@ -119,7 +119,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
 
     def run(name: str, *extra: str) -> dict:
         log = tmp_path / f"{name}.log"
-        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1", "--level-curriculum", "0", "0",
+        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "0", "--level-curriculum", "0", "0",
                                   "--threads", "1", "--out", str(tmp_path / f"{name}.pt"), "--log", str(log), *extra],
                        capture_output=True, text=True, check=True)
         return json.loads(log.read_text().splitlines()[-1])
@@ -137,8 +137,9 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
 
 
 @pytest.mark.parametrize("args, named", [(["--code-pretrain-steps", "5"], "--code-match-start"),
-                                         (["--code-match-start", "--similarity-init"], "--similarity-init")])
-def test_train_tiny_rejects_code_settings_without_their_start(tmp_path: Path, args: list[str], named: str):
+                                         (["--code-match-start", "--similarity-init"], "--similarity-init"),
+                                         (["--freeze-encoder", "--code-loss-weight", "1"], "--freeze-encoder")])
+def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
     assert not (tmp_path / "t.pt").exists()
@@ -155,10 +156,12 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     log = tmp_path / "run.log"
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
                               "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
-                              "--code-pretrain-steps", "3", "--out", str(tmp_path / "t.pt"), "--log", str(log)],
+                              "--code-pretrain-steps", "3", "--freeze-decoder", "--freeze-encoder",
+                              "--out", str(tmp_path / "t.pt"), "--log", str(log)],
                    capture_output=True, text=True, check=True)
     _, extra = read_checkpoint(tmp_path / "t.pt")
     assert extra["code_match_start"] is True
+    assert extra["train"]["train_encoder"] is False
     assert extra["code_pretrain"]["steps"] == 3
     assert "codes step 0" in log.read_text()
     sam = build_sam("tiny", tmp_path / "t.pt")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from trimask.models.build import build_sam
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder, pretrain_codes, region_code_loss
-from trimask.training.decoder_start import CODE, CODE_CHANNELS, FETCH_FREQUENCIES, code_match_start
+from trimask.training.decoder_start import AREA, CODE, CODE_CHANNELS, FETCH_FREQUENCIES, OBJ, OBJECT_VALUE, code_match_start
 from trimask.training.evaluate import _center, postprocess
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
@@ -19,7 +19,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _oracle_embedding(scene, seed: int = 1) -> torch.Tensor:
-    """Codes the encoder is meant to write: a random 16-d vector of norm 4 per region and level."""
+    """What the encoder is meant to write: a random 16-d vector of norm 4 per region and level, and objectness."""
     gen = torch.Generator().manual_seed(seed)
     sub = np.where(scene.subpart_map > 0, scene.subpart_map, scene.part_map + scene.subpart_map.max() + 1)
     out = torch.zeros(256, *scene.whole_map.shape)
@@ -29,6 +29,7 @@ def _oracle_embedding(scene, seed: int = 1) -> torch.Tensor:
         table[0] = 0  # background
         codes = table[torch.from_numpy(ids.astype(np.int64))] * torch.from_numpy(scene.whole_map > 0)[..., None]
         out[list(CODE[level])] = codes.permute(2, 0, 1)
+    out[OBJ] = OBJECT_VALUE * torch.from_numpy(scene.whole_map > 0).float()
     return F.adaptive_avg_pool2d(out[None], 64)
 
 
@@ -46,12 +47,29 @@ def _part_clicks(scene, count: int) -> list[tuple[np.ndarray, np.ndarray, tuple[
     return [(p, w, _center(p)) for _, p, w in found[:count]]
 
 
-def _answers(sam, emb, clicks, multimask=True) -> np.ndarray:
-    """Masks at image resolution for positive clicks (one list of (x, y) per prompt)."""
-    pts = torch.tensor(np.stack([to_frame(np.array(c), (256, 256)) for c in clicks]), dtype=torch.float32)
+def _answers(sam, emb, clicks, multimask=True, labels=None, box=None, mask_input=None) -> np.ndarray:
+    """Masks at image resolution for clicks (one list of (x, y) per prompt; positive unless ``labels``
+    says otherwise), a box (x0, y0, x1, y1) and a previous mask (bool, image resolution)."""
+    pts = lbl = boxes = prev = None
+    if clicks is not None:
+        pts = torch.tensor(np.stack([to_frame(np.array(c), (256, 256)) for c in clicks]), dtype=torch.float32)
+        lbl = torch.ones(pts.shape[:2]) if labels is None else torch.tensor(labels, dtype=torch.float32)
+    if box is not None:
+        boxes = torch.tensor(to_frame(np.array(box, dtype=float).reshape(2, 2), (256, 256)).reshape(1, 4), dtype=torch.float32)
+    if mask_input is not None:  # the scenes are 256 x 256: the low-res grid is the image's
+        prev = torch.where(torch.from_numpy(mask_input), 10.0, -10.0)[None, None]
     with torch.no_grad():
-        logits, _ = decode(sam, emb, pts, torch.ones(pts.shape[:2]), None, None, multimask)
+        logits, _ = decode(sam, emb, pts, lbl, boxes, prev, multimask)
     return postprocess(logits, (256, 256)).numpy()
+
+
+def _start_and_scene(start: bool = True):
+    torch.manual_seed(0)
+    sam = build_sam("tiny", random_init=True).eval()
+    if start:
+        code_match_start(sam)
+    scene = generate_scene(10**9 + 7)
+    return sam, scene, _oracle_embedding(scene)
 
 
 def test_the_fetch_frequencies_peak_only_at_the_click():
@@ -99,6 +117,70 @@ def test_each_positive_click_adds_its_object_to_the_single_mask_answer():
     assert _iou(both, wholes[0] | wholes[1]) > 0.8
 
 
+def test_a_box_alone_answers_the_objects_inside_it():
+    for start in (False, True):
+        sam, scene, emb = _start_and_scene(start)
+        for wid in [w for w in np.unique(scene.whole_map) if w][:3]:
+            whole = scene.whole_map == wid
+            ys, xs = np.nonzero(whole)
+            box = (xs.min(), ys.min(), xs.max(), ys.max())
+            answer = _answers(sam, emb, None, multimask=False, box=box)[0, 0]
+            inside = np.zeros_like(whole)
+            inside[box[1]:box[3] + 1, box[0]:box[2] + 1] = True
+            expected = inside & (scene.whole_map > 0)  # the box's objects, occluders included
+            if start:
+                assert _iou(answer, expected) > 0.8, wid
+            else:  # random weights answer something else
+                assert _iou(answer, expected) < 0.5, wid
+
+
+def _unit_at(scene, xy) -> np.ndarray:
+    """The smallest region at a pixel: its subpart, or its part's area outside any subpart."""
+    x, y = int(xy[0]), int(xy[1])
+    sid = scene.subpart_map[y, x]
+    if sid:
+        return scene.subpart_map == sid
+    return (scene.part_map == scene.part_map[y, x]) & (scene.subpart_map == 0)
+
+
+def test_the_mask_input_alone_comes_back_and_clicks_edit_it():
+    sam, scene, emb = _start_and_scene()
+    part, whole, at = _part_clicks(scene, 1)[0]
+    # Only the previous answer: the decoder returns it.
+    back = _answers(sam, emb, None, multimask=False, mask_input=whole)[0, 0]
+    assert _iou(back, whole) > 0.9
+    # The whole as the previous answer, a negative click on another part of it: the clicked
+    # subpart-sized region leaves, the rest stays.
+    pid = scene.part_map[int(at[1]), int(at[0])]
+    other = max((scene.part_map == q for q in np.unique(scene.part_map[whole]) if q not in (0, pid)), key=np.sum)
+    spot = _center(other)
+    unit = _unit_at(scene, spot)
+    cut = _answers(sam, emb, [[at, spot]], multimask=False, labels=[[1, 0]], mask_input=whole)[0, 0]
+    assert _iou(cut, whole & ~unit) > 0.8
+    assert (cut & unit).sum() < 0.2 * unit.sum()
+    # The click's own region as the previous answer and a second positive click on the part
+    # outside it: the part.
+    start = _unit_at(scene, at)
+    elsewhere = _center(part & ~start)
+    grown = _answers(sam, emb, [[at, elsewhere]], multimask=False, mask_input=start)[0, 0]
+    assert _iou(grown, part) > 0.7
+    assert _iou(grown, whole) < 0.7
+
+
+def test_the_iou_token_learns_how_large_each_answer_is():
+    sam, scene, emb = _start_and_scene()
+    seen = {}
+    sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o[0]))
+    wholes = sorted((scene.whole_map == w for w in np.unique(scene.whole_map) if w), key=np.sum)
+    feature = []
+    for whole in [*wholes, None]:
+        at = _center(whole) if whole is not None else _center(scene.whole_map == 0)  # None: the background
+        _answers(sam, emb, [[at]])
+        feature.append(float(seen["tokens"][0, 0, AREA[2]]))  # the IoU token's whole-mark mean
+    assert feature[:-1] == sorted(feature[:-1])  # grows with the whole's area
+    assert feature[-1] < 0.5 * feature[0]  # a click on the background marks nothing
+
+
 def test_region_code_loss_separates_regions_and_the_other_channels_stay_silent():
     torch.manual_seed(0)
     sam = build_sam("tiny", random_init=True)
@@ -107,17 +189,18 @@ def test_region_code_loss_separates_regions_and_the_other_channels_stay_silent()
     scenes = [generate_scene(s) for s in range(4)]
     rng = np.random.default_rng(0)
 
-    def gaps() -> list[float]:
+    def stats(name: str) -> float:
         with torch.no_grad():
-            return [region_code_loss(encoder(preprocess(s.image)), s, rng)[1]["gap_part"] for s in scenes]
+            return float(np.mean([region_code_loss(encoder(preprocess(s.image)), s, rng)[1][name] for s in scenes]))
 
-    start = float(np.mean(gaps()))
+    start, start_objectness = stats("gap_part"), stats("objectness")
     summary = pretrain_codes(encoder, lambda i: scenes[i % 4], steps=40, seed=0, log=lambda line: None)
     assert summary["steps"] == 40
-    assert float(np.mean(gaps())) > start + 4.0
+    assert stats("gap_part") > start + 4.0
+    assert stats("objectness") < 0.5 * start_objectness  # objectness is learned beside the codes
     with torch.no_grad():
         emb = encoder(preprocess(scenes[0].image))
-    other = [c for c in range(256) if c not in set(CODE_CHANNELS)]
+    other = [c for c in range(256) if c not in {*CODE_CHANNELS, OBJ}]
     assert torch.count_nonzero(emb[0, other]) == 0
     assert emb[0, list(CODE_CHANNELS)].abs().mean() > 0.1
 

@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-decoder", action="store_true",
                    help="keep the prompt encoder and the mask decoder's transformer, upscaling, hypernetworks and "
                    "mask tokens as they start; train the image encoder, the IoU token and the IoU head")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="keep the image encoder as it is after code pre-training (with --freeze-decoder: only "
+                   "the IoU token and the IoU head learn, the IoU head's ranking of a built start)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from these tiny weights (e.g. the bundled ones, to train them longer) instead of a "
                    "random init; pass --level-curriculum 0 0, as the model already answers every level")
@@ -142,6 +145,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-match-start sets the decoder's start itself; drop --init and --similarity-init.")
     if args.code_loss_weight < 0:
         raise TrimaskError("--code-loss-weight must be 0 or more.")
+    if args.freeze_encoder and args.code_loss_weight:
+        raise TrimaskError("--code-loss-weight trains the encoder; it cannot be combined with --freeze-encoder.")
     if args.code_pretrain_steps < 0:
         raise TrimaskError("--code-pretrain-steps must be 0 or more.")
     if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
@@ -175,7 +180,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
                       window_steps=int(args.steps * args.window_fraction), window_cells=args.window_cells,
                       focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum),
-                      code_loss_weight=args.code_loss_weight, frozen=FROZEN_DECODER if args.freeze_decoder else ())
+                      code_loss_weight=args.code_loss_weight, frozen=FROZEN_DECODER if args.freeze_decoder else (),
+                      train_encoder=not args.freeze_encoder)
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trimask.preprocess import preprocess
-from trimask.training.decoder_start import CODE, CODE_CHANNELS
+from trimask.training.decoder_start import CODE, CODE_CHANNELS, OBJ, OBJECT_VALUE
 from trimask.training.scenes import Scene
 
 MATCH = 8.0  # dot products of one region's codes aim above this (codes of norm ~4), others below
@@ -43,15 +43,20 @@ def cell_labels(scene: Scene, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]
 
 def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
                      anchors: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
-    """The pull/push loss on one scene's ``1 x 256 x 64 x 64`` embedding; returns (loss, stats)."""
+    """The pull/push loss on one scene's ``1 x 256 x 64 x 64`` embedding; returns (loss, stats).
+
+    Also objectness (channel ``OBJ``): the squared error against OBJECT_VALUE on objects and 0
+    elsewhere, over OBJECT_VALUE ** 2, which the start's box prompt reads.
+    """
     labels, on_object = cell_labels(scene, embedding.shape[-1])
     cells = np.flatnonzero(on_object)
     if len(cells) == 0:
         return embedding.sum() * 0.0, {}
     pick = rng.choice(cells, size=min(anchors, len(cells)), replace=False)
     on_object_t = torch.from_numpy(on_object)[None, :]
-    total = embedding.new_zeros(())
-    stats: dict[str, float] = {}
+    target = OBJECT_VALUE * torch.from_numpy(on_object).to(embedding)
+    total = (embedding[0, OBJ].flatten() - target).square().mean() / OBJECT_VALUE**2
+    stats: dict[str, float] = {"objectness": float(total.detach())}
     for lv, name in enumerate(("subpart", "part", "whole")):
         codes = embedding[0, list(CODE[lv])].flatten(1)  # 16 x cells
         dots = codes[:, pick].T @ codes  # anchors x cells
@@ -63,12 +68,13 @@ def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Gener
 
 
 def prepare_encoder(encoder: torch.nn.Module) -> None:
-    """Silence the tiny encoder's channels outside the codes (its last LayerNorm's scale and shift to 0).
+    """Silence the tiny encoder's channels outside the codes and objectness (its last LayerNorm's scale
+    and shift to 0).
 
     Their weights then get no gradient from the code loss and stay at 0; SAM's objectives may use them later.
     """
     norm = encoder.neck[-1]
-    other = [c for c in range(norm.weight.shape[0]) if c not in set(CODE_CHANNELS)]
+    other = [c for c in range(norm.weight.shape[0]) if c not in {*CODE_CHANNELS, OBJ}]
     with torch.no_grad():
         norm.weight[other] = 0.0
         norm.bias.zero_()
