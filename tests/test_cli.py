@@ -119,7 +119,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
 
     def run(name: str, *extra: str) -> dict:
         log = tmp_path / f"{name}.log"
-        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "0", "--level-curriculum", "0", "0",
+        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1", "--level-curriculum", "0", "0",
                                   "--threads", "1", "--out", str(tmp_path / f"{name}.pt"), "--log", str(log), *extra],
                        capture_output=True, text=True, check=True)
         return json.loads(log.read_text().splitlines()[-1])

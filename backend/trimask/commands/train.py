@@ -61,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep the prompt encoder and the mask decoder's transformer, upscaling, hypernetworks and "
                    "mask tokens as they start; train the image encoder, the IoU token and the IoU head")
     p.add_argument("--freeze-encoder", action="store_true",
-                   help="keep the image encoder as it is after code pre-training (with --freeze-decoder: only "
-                   "the IoU token and the IoU head learn, the IoU head's ranking of a built start)")
+                   help="keep the image encoder as it is (after any code pre-training); with --freeze-decoder only "
+                   "the IoU token and the IoU head learn: how to rank a built start's candidates")
     p.add_argument("--init", type=Path, default=None,
                    help="start from these tiny weights (e.g. the bundled ones, to train them longer) instead of a "
                    "random init; pass --level-curriculum 0 0, as the model already answers every level")
