@@ -62,6 +62,7 @@ AREA = (100, 101, 102, 103)  # in the tokens: each mark's mean over the image (s
 AREA_GAIN = 4.0
 DENSE = 90  # a constant in every image cell keeps the LayerNorms of empty cells from amplifying noise
 ZREF = 10  # a channel that is 0 in every positional encoding: subtracting it cancels a LayerNorm's shift
+CORNER_STATE = 16.0  # a corner token's kept type after the first LayerNorm (one channel of 8 -> ~16)
 # Two low frequencies, one per axis (columns 8 and 9): over [-1, 1] their phase stays within a quarter
 # turn of the box's corners, so sin(phase difference) orders every cell against a corner.
 BOX_COLUMNS = (8, 9)
@@ -196,6 +197,13 @@ def code_match_start(sam: Sam) -> None:
         out.bias[UP_CONSTANT] = -SINGLE_GAIN * SINGLE_READ["bias"] / UNIT_CONST
 
 
+def _read_token(proj: torch.nn.Linear, row: int, channel: int, weight: float) -> None:
+    """``proj``'s output ``row`` reads a token's ``channel`` minus ``ZREF``: a LayerNorm shifts every
+    channel of a token alike, so the difference is the channel's own value."""
+    proj.weight[row, channel] = weight
+    proj.weight[row, ZREF] = -weight
+
+
 def _signed(up1: torch.nn.Module, up2: torch.nn.Module, source: int, pos: int, neg: int) -> None:
     """Carry embedding channel ``source`` to 4x-grid channels ``pos`` (x) and ``neg`` (-x) through both GELUs."""
     up1.weight[source, pos] = UP_MARK
@@ -224,15 +232,11 @@ def _box_half_planes(i2t: torch.nn.Module) -> None:
         i2t.q_proj.weight[d + 1, cos_ch] = root * cos_p
         i2t.q_proj.weight[d + 1, sin_ch] = root * s * sin_p
         i2t.q_proj.weight[d + 2, DENSE] = root / 10.0
-        # Corner (b = s t_c): cos b, -sin b, and the gate; ZREF cancels the token LayerNorms' shift.
-        i2t.k_proj.weight[d, cos_ch] = root
-        i2t.k_proj.weight[d + 1, sin_ch] = -root * s
-        i2t.k_proj.weight[d + 1, ZREF] = root * s
-        i2t.k_proj.weight[d + 2, BOX_TYPES[corner]] = root * sin_p / TYPE_SIZE
-        i2t.k_proj.weight[d, ZREF] = -root
-        i2t.k_proj.weight[d + 2, ZREF] = -root * sin_p / TYPE_SIZE
-        i2t.v_proj.weight[d, BOX_STATE[corner]] = 1.0 / 16
-        i2t.v_proj.weight[d, ZREF] = -1.0 / 16
+        # Corner (b = s t_c): cos b, -sin b, and the gate.
+        _read_token(i2t.k_proj, d, cos_ch, root)
+        _read_token(i2t.k_proj, d + 1, sin_ch, -root * s)
+        _read_token(i2t.k_proj, d + 2, BOX_TYPES[corner], root * sin_p / TYPE_SIZE)
+        _read_token(i2t.v_proj, d, BOX_STATE[corner], 1.0 / CORNER_STATE)
         i2t.out_proj.weight[BOXIN, d] = 1.0
 
 
@@ -243,10 +247,8 @@ def _box_and_object(i2t: torch.nn.Module) -> None:
     i2t.q_proj.weight[0, BOXIN] = root
     i2t.q_proj.weight[0, OBJ] = root * BOX_OBJECT_WEIGHT / OBJECT_VALUE
     i2t.q_proj.weight[0, DENSE] = -root * BOX_THRESHOLD / 10.0  # DENSE is 10 before the norms
-    i2t.k_proj.weight[0, BOX_TYPES[0]] = root / TYPE_SIZE
-    i2t.k_proj.weight[0, ZREF] = -root / TYPE_SIZE
-    i2t.v_proj.weight[0, BOX_STATE[0]] = 1.0 / 16
-    i2t.v_proj.weight[0, ZREF] = -1.0 / 16
+    _read_token(i2t.k_proj, 0, BOX_TYPES[0], root / TYPE_SIZE)
+    _read_token(i2t.v_proj, 0, BOX_STATE[0], 1.0 / CORNER_STATE)
     i2t.out_proj.weight[BOXMARK, 0] = MARK_GAIN * 16
 
 
