@@ -145,7 +145,8 @@ def _unit_at(scene, xy) -> np.ndarray:
 
 def test_the_mask_input_alone_comes_back_and_clicks_edit_it():
     sam, scene, emb = _start_and_scene()
-    part, whole, at = _part_clicks(scene, 1)[0]
+    # A large part with a subpart, so that the part is more than the clicked region.
+    part, whole, at = next(c for c in _part_clicks(scene, 6) if (c[0] & ~_unit_at(scene, c[2])).sum() >= 50)
     # Only the previous answer: the decoder returns it.
     back = _answers(sam, emb, None, multimask=False, mask_input=whole)[0, 0]
     assert _iou(back, whole) > 0.9
@@ -215,6 +216,19 @@ def test_cell_labels_give_the_smallest_region_at_each_cell():
     # A cell in a part without subparts has a subpart label of its own, not shared with real subparts.
     no_sub = (scene.subpart_map[2::4, 2::4].ravel() == 0) & on_object
     assert not set(labels[0][no_sub]) & set(np.unique(scene.subpart_map[scene.subpart_map > 0]))
+
+
+def test_cell_labels_of_a_cropped_scene_follow_the_padded_frame():
+    """A 256 x 160 image fills the top 40 rows of the grid (1024 x 640 after resizing); the rest is padding."""
+    full = generate_scene(3)
+    scene = type(full)(full.image[:160], full.whole_map[:160], full.part_map[:160], full.subpart_map[:160],
+                       full.part_parent, full.subpart_parent)
+    labels, on_object = cell_labels(scene)
+    square, _ = cell_labels(full)
+    grid = labels.reshape(3, 64, 64)
+    assert np.array_equal(grid[:, :40], square.reshape(3, 64, 64)[:, :40])
+    assert not on_object.reshape(64, 64)[40:].any() and on_object.reshape(64, 64)[:40].any()
+    assert not grid[2, 40:].any()
 
 
 def test_a_frozen_decoder_keeps_its_start_while_the_encoder_learns_with_the_code_loss():

@@ -34,3 +34,35 @@ def test_background_has_no_masks():
     s = generate_scene(3)
     ys, xs = np.nonzero(s.whole_map == 0)
     assert s.masks_at(int(ys[0]), int(xs[0])) is None
+
+
+def test_a_quarter_of_the_scenes_are_flat_drawings():
+    """Flat scenes: one background colour, flat objects (some of a single part), no noise."""
+    flat = single_part = 0
+    for seed in range(40):
+        s = generate_scene(seed)
+        background = s.image[s.whole_map == 0]
+        if len(np.unique(background, axis=0)) == 1:
+            flat += 1
+            parts_per_whole = [len(np.unique(s.part_map[s.whole_map == w])) for w in np.unique(s.whole_map) if w]
+            single_part += int(1 in parts_per_whole)
+            for pid in np.unique(s.part_map):
+                unlabelled = (s.part_map == pid) & (s.subpart_map == 0)
+                if pid and unlabelled.sum() > 100:  # a part outside its subparts is one colour
+                    _, counts = np.unique(s.image[unlabelled], axis=0, return_counts=True)
+                    assert counts.max() > 0.9 * unlabelled.sum()  # (blobs pruned as too small keep theirs)
+    assert 4 <= flat <= 18
+    assert single_part >= 1
+
+
+def test_varied_aspect_crops_some_scenes_and_keeps_their_maps_aligned():
+    shapes = set()
+    for seed in range(20):
+        s = generate_scene(seed, varied_aspect=True)
+        h, w = s.image.shape[:2]
+        shapes.add((h, w))
+        assert s.whole_map.shape == s.part_map.shape == s.subpart_map.shape == (h, w)
+        assert max(h, w) == 256 and min(h, w) >= 128
+        full = generate_scene(seed)  # the same scene, uncropped
+        assert np.array_equal(full.image[:h, :w], s.image) or (h, w) == (256, 256)
+    assert (256, 256) in shapes and len(shapes) > 3

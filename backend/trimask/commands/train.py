@@ -185,7 +185,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):
-        return scene_to_sample(generate_scene(base + i), rng, n_groups=cfg.prompts_per_image)
+        return scene_to_sample(generate_scene(base + i, varied_aspect=True), rng, n_groups=cfg.prompts_per_image)
 
     log_file = open(args.log, "a") if args.log else None
 
@@ -199,7 +199,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.code_pretrain_steps or args.code_pretrain_minutes:
         with tqdm(total=args.code_pretrain_steps or None, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
-                sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i),
+                sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i, varied_aspect=True),
                 steps=args.code_pretrain_steps or 10**9,  # minutes alone: the time limit ends it
                 seed=args.seed, log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)

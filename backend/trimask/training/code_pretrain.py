@@ -30,14 +30,21 @@ GRID = 64
 def cell_labels(scene: Scene, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
     """Region ids at the cell centres: ``3 x grid*grid`` (subpart, part, whole) and the object mask.
 
-    A cell in a part without subparts gets that part as its subpart (the smallest region there).
+    The grid covers the padded square frame that ``trimask.preprocess`` makes of the image (long side
+    first, padding at the bottom/right): cells in the padding are background. A cell in a part without
+    subparts gets that part as its subpart (the smallest region there).
     """
-    step = scene.image.shape[0] // grid
-    at = slice(step // 2, None, step)
-    part = scene.part_map[at, at].astype(np.int64)
-    sub = scene.subpart_map[at, at].astype(np.int64)
+    h, w = scene.part_map.shape
+    centres = ((np.arange(grid) + 0.5) * max(h, w) / grid).astype(int)
+    rows, cols = centres[centres < h], centres[centres < w]
+
+    def sample(label_map: np.ndarray) -> np.ndarray:
+        out = np.zeros((grid, grid), np.int64)
+        out[: len(rows), : len(cols)] = label_map[np.ix_(rows, cols)]
+        return out
+
+    part, sub, whole = sample(scene.part_map), sample(scene.subpart_map), sample(scene.whole_map)
     sub = np.where(sub > 0, sub, part + int(scene.subpart_map.max()) + 1)
-    whole = scene.whole_map[at, at].astype(np.int64)
     return np.stack([sub.ravel(), part.ravel(), whole.ravel()]), whole.ravel() > 0
 
 

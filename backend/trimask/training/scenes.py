@@ -8,6 +8,11 @@ The levels are made visually separable on purpose (a dark outline around a
 whole most of the time, a different colour/texture per part, contrasting
 subparts) so a small model can learn them within a CPU budget.
 
+A quarter of the scenes are drawings: a flat background of any colour, flat-coloured objects of one
+to three parts, no outline and no noise (diagrams, screenshots, clip art: a flat background must
+not read as an object). With ``varied_aspect`` two scenes in five are cropped to a non-square
+image, so the model sees the padding that ``trimask.preprocess`` adds to such images.
+
 Label maps keep the hierarchy exact: a subpart id maps to its part, a part id
 to its whole, so ``subpart ⊂ part ⊂ whole`` holds by construction.
 """
@@ -109,8 +114,11 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, base: np.
     return out
 
 
-def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, flat: bool) -> np.ndarray:
     h, w = yy.shape
+    if flat:
+        colour = _hsv(rng.uniform(), rng.uniform(0, 1), rng.uniform(0.15, 0.95))
+        return np.broadcast_to(colour, (h, w, 3)).copy()
     c0 = _hsv(rng.uniform(), rng.uniform(0, 0.5), rng.uniform(0.3, 0.9))
     c1 = _hsv(rng.uniform(), rng.uniform(0, 0.5), rng.uniform(0.3, 0.9))
     ang = rng.uniform(0, 2 * np.pi)
@@ -119,11 +127,19 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.
     return _texture(rng, yy, xx, np.zeros(3, np.float32), rng.uniform(0, 18)) + img
 
 
-def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4) -> Scene:
-    """A deterministic scene for ``seed``: image and whole/part/subpart label maps (``size x size``)."""
+def _contrasting(colour: np.ndarray, against: np.ndarray) -> np.ndarray:
+    """``colour``, inverted when it is too close to ``against`` to be seen on it."""
+    return 255.0 - colour if np.abs(colour - against).sum() < 120 else colour
+
+
+def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4, varied_aspect: bool = False) -> Scene:
+    """A deterministic scene for ``seed``: image and whole/part/subpart label maps (``size x size``;
+    with ``varied_aspect``, two in five are cropped to 50-90 % of their height or width)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E1A]))
+    flat = rng.uniform() < 0.25
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    image = _background(rng, yy, xx)
+    image = _background(rng, yy, xx, flat)
+    backdrop = image[0, 0].copy()
     whole_map = np.zeros((size, size), np.int32)
     part_map = np.zeros((size, size), np.int32)
     subpart_map = np.zeros((size, size), np.int32)
@@ -138,7 +154,7 @@ def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4) -> Scene
             continue
         # Parts: Voronoi cells of random seeds inside the shape.
         ys, xs = np.nonzero(shape)
-        n_parts = int(rng.integers(2, 5))
+        n_parts = int(rng.integers(1, 4)) if flat else int(rng.integers(2, 5))
         pick = rng.choice(len(ys), size=n_parts, replace=False)
         sy, sx = ys[pick].astype(np.float32), xs[pick].astype(np.float32)
         dist = (yy[..., None] - sy) ** 2 + (xx[..., None] - sx) ** 2
@@ -150,7 +166,10 @@ def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4) -> Scene
             region = shape & (cell == k)
             hue = hue0 + k / n_parts + rng.uniform(-0.05, 0.05)
             base = _hsv(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
-            tex = _texture(rng, yy, xx, base, rng.uniform(0, 25))
+            if flat:
+                tex = np.broadcast_to(_contrasting(base, backdrop), (size, size, 3))
+            else:
+                tex = _texture(rng, yy, xx, base, rng.uniform(0, 25))
             fill[region] = tex[region]
             pid = len(part_parent)
             part_parent.append(wid)
@@ -177,11 +196,16 @@ def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4) -> Scene
                 col = _hsv(rng.uniform(), rng.uniform(0.3, 1.0), rng.choice([rng.uniform(0.1, 0.35), rng.uniform(0.8, 1.0)]))
                 image[blob] = col
                 subpart_map[blob] = sid
-        if rng.uniform() < 0.7:  # dark outline: the whole's boundary is a strong cue
+        if not flat and rng.uniform() < 0.7:  # dark outline: the whole's boundary is a strong cue
             edge = shape & ~_erode(shape)
             image[edge] = image[edge] * 0.25
-    noise = rng.normal(0, rng.uniform(0, 6), image.shape).astype(np.float32)
-    image = np.clip(image + noise, 0, 255).astype(np.uint8)
+    if not flat:
+        image = image + rng.normal(0, rng.uniform(0, 6), image.shape).astype(np.float32)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    if varied_aspect and rng.uniform() < 0.4:
+        keep = int(size * rng.uniform(0.5, 0.9))
+        cut = (slice(0, keep), slice(None)) if rng.uniform() < 0.5 else (slice(None), slice(0, keep))
+        image, whole_map, part_map, subpart_map = (a[cut].copy() for a in (image, whole_map, part_map, subpart_map))
     return _prune(image, whole_map, part_map, subpart_map, np.array(part_parent), np.array(subpart_parent))
 
 
