@@ -343,10 +343,50 @@ def _export_fp32(sam: nn.Module, path: Path) -> None:
     ])
 
 
+# A weight matrix stays fp32 when one of its columns (one output channel) loses more than this
+# fraction of its norm in the matrix's uint8 copy (one scale per tensor). SAM's trained weights lose
+# about 1 %; a few large entries beside small ones (the coordinate frequencies of the positional
+# encoding; the tiny model's laid-out decoder) lose the small ones entirely.
+QUANTIZE_MAX_ERROR = 0.03
+
+
+def uint8_column_error(weight: np.ndarray) -> float:
+    """The largest relative error of a column of ``weight`` (``in x out``) after per-tensor asymmetric
+    uint8 quantization, as onnxruntime's dynamic quantization stores it (the range includes 0)."""
+    lo, hi = min(0.0, float(weight.min())), max(0.0, float(weight.max()))
+    scale = (hi - lo) / 255 or 1.0
+    zero = round(-lo / scale)
+    restored = (np.clip(np.round(weight / scale) + zero, 0, 255) - zero) * scale
+    norms = np.linalg.norm(weight, axis=0)
+    used = norms > 0
+    if not used.any():
+        return 0.0
+    return float((np.linalg.norm(weight - restored, axis=0)[used] / norms[used]).max())
+
+
+def poorly_quantized_nodes(model_path: Path, max_error: float = QUANTIZE_MAX_ERROR) -> list[str]:
+    """Names of the MatMul / Gemm nodes whose 2-D weight has ``uint8_column_error`` above ``max_error``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    weights = {init.name: init for init in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        found = [weights[name] for name in node.input if name in weights and len(weights[name].dims) == 2]
+        if found and uint8_column_error(numpy_helper.to_array(found[0])) > max_error:
+            names.append(node.name)
+    return names
+
+
 def quantize_file(src: Path, dst: Path) -> None:
-    """Dynamic uint8 weight quantization (weights uint8, activations quantized per call)."""
+    """Dynamic uint8 weight quantization (weights uint8, activations quantized per call); the weights
+    that one uint8 scale cannot hold (``poorly_quantized_nodes``) stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    keep = poorly_quantized_nodes(src)
     # quantize_dynamic logs a root-level hint to run its shape pre-processing; it
     # only helps static quantization, and the hint would reach the CLI user.
     root = logging.getLogger()
@@ -359,6 +399,7 @@ def quantize_file(src: Path, dst: Path) -> None:
             per_channel=False,
             reduce_range=False,
             weight_type=QuantType.QUInt8,
+            nodes_to_exclude=keep,
         )
     finally:
         root.setLevel(level)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from trimask.cli import main as cli_main
 from trimask.export import verify
-from trimask.export.onnx_decoder import DISPLAY_LONG_SIDE, OPSET, DecoderOnnx, export_decoder
+from trimask.export.onnx_decoder import DISPLAY_LONG_SIDE, OPSET, DecoderOnnx, export_decoder, uint8_column_error
 from trimask.models.build import build_sam
 
 SIZES = [(480, 640), (1024, 1536), (3000, 4000), (1500, 843)]  # the last one portrait
@@ -172,6 +172,21 @@ def test_quantized_decoder_is_smaller_and_agrees_with_fp32(session, quantized_se
     feeds = verify.onnx_feeds(_embedding(3), verify.Prompt(box=(10, 20, 300, 400)), (3000, 4000))
     outputs = quantized.run(None, feeds)
     assert [o.shape for o in outputs] == [(1, 4), (1, 4, 256, 256), (1, 4, 384, 512), (1, 4)]
+
+
+def test_quantization_keeps_in_fp32_the_weights_one_uint8_scale_cannot_hold(quantized_session):
+    rng = np.random.default_rng(0)
+    trained_like = rng.normal(0, 0.05, (256, 256)).astype(np.float32)
+    assert uint8_column_error(trained_like) < 0.02
+    mixed = trained_like.copy()
+    mixed[:, 0] *= 100  # one large output channel: the others fall to a few uint8 steps
+    assert uint8_column_error(mixed) > 0.3
+    # The positional encoding's coordinate frequencies (2 x 128, a Gaussian of scale 1) are such a
+    # matrix: they stay a float MatMul in the quantized graph, the transformer's weights do not.
+    path, _ = quantized_session
+    nodes = onnx.load(str(path)).graph.node
+    assert [n.op_type for n in nodes if n.name == "/pe_layer/MatMul"] == ["MatMul"]
+    assert sum(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in nodes) >= 20
 
 
 @pytest.mark.slow
