@@ -119,7 +119,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
 
     def run(name: str, *extra: str) -> dict:
         log = tmp_path / f"{name}.log"
-        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1", "--level-curriculum", "0", "0",
+        subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "0", "--level-curriculum", "0", "0",
                                   "--threads", "1", "--out", str(tmp_path / f"{name}.pt"), "--log", str(log), *extra],
                        capture_output=True, text=True, check=True)
         return json.loads(log.read_text().splitlines()[-1])
@@ -131,9 +131,11 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
     assert state.keys() == bundled.keys()
     assert all(torch.equal(state[k], bundled[k]) for k in bundled)
     assert extra["init"] == str(BUNDLED_TINY_CHECKPOINT)
-    # The trained weights answer the first step far better than a random start does.
+    # The trained weights answer the first step's clicks far better than a random start does (IoU of
+    # each click's candidates with its matched levels; not the loss: 20 x focal punishes a confident
+    # miss more than a random start's timid logits).
     scratch = run("scratch")
-    assert kept["first_loss"] < 0.5 * scratch["first_loss"]
+    assert kept["iou_r1_matched"] > scratch["iou_r1_matched"] + 0.3
 
 
 @pytest.mark.parametrize("args, named", [(["--code-pretrain-steps", "5"], "--code-match-start"),
