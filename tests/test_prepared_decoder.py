@@ -38,8 +38,9 @@ def _strong_norms(model: torch.nn.Module, seed: int) -> None:
 class Graphs:
     """A model with its decoder.onnx and fast-path sessions."""
 
-    def __init__(self, sam, folder) -> None:
+    def __init__(self, sam, folder, rounding: float = 1e-4) -> None:
         self.sam = sam.eval()
+        self.rounding = rounding  # how far the factored graph's logits may be, relative to their range
         self.folder = folder
         self.decoder_path = export_decoder(sam, folder / "decoder.onnx")
         self.prepare_path, self.prepared_path = export_prepared_decoder(
@@ -70,7 +71,10 @@ def graphs(request, tmp_path_factory):
     else:
         sam = build_sam("tiny")  # the bundled trained weights
     _strong_norms(sam.mask_decoder, seed=4)
-    return Graphs(sam, folder)
+    # fp32 rounding is relative to the largest values inside the graph, not to its outputs: the
+    # bundled tiny's laid-out box heads scale positional features by 290, which puts the factored
+    # graph's low-res logits up to 2e-4 of their range away (measured over 10 embeddings per case).
+    return Graphs(sam, folder, rounding=1e-4 if request.param == "vit_b" else 5e-4)
 
 
 def test_prepared_graphs_declare_their_tensors_and_use_standard_ops_only(graphs):
@@ -108,11 +112,8 @@ def test_prepared_equals_decoder_onnx_and_the_pytorch_decoder(graphs, kind, size
     full = dict(zip(OUTPUT_NAMES, graphs.decoder.run(None, feeds)))
     ref_iou, ref_low_res = verify.torch_reference(graphs.sam, embedding, prompt, size)
 
-    # fp32 rounding is relative to the largest values inside the graph, not to its outputs: the
-    # bundled tiny's laid-out box heads scale positional features by 290, which puts the factored
-    # graph's low-res logits up to 2e-4 of their range away (measured over 10 embeddings per case).
     for expected in (full["low_res_masks"], ref_low_res):
-        assert np.abs(fast["low_res_masks"] - expected).max() <= 5e-4 * np.abs(expected).max()
+        assert np.abs(fast["low_res_masks"] - expected).max() <= graphs.rounding * np.abs(expected).max()
         assert ((fast["low_res_masks"] > 0) != (expected > 0)).sum() <= 4
     for expected in (full["iou_predictions"], ref_iou):
         np.testing.assert_allclose(fast["iou_predictions"], expected, rtol=1e-4, atol=1e-5)
