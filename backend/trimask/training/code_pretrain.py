@@ -5,8 +5,12 @@ a 16-channel code at every cell with the code under the click. This module train
 encoder to write such codes on generated scenes: for random anchor cells on objects and every cell
 of the 64 x 64 grid, the dot product of their level-l codes is pushed above ``MATCH`` when both lie
 in the same subpart / part / whole and below it otherwise (a logistic loss on the dot product,
-positives and negatives weighted equally). A dense, per-cell signal: it trains in minutes where the
-decoder's objectives need hours to find the same structure.
+for every anchor the mean over its positives, over its negatives and, for subparts and parts, over
+its hard negatives, the other regions of its part or whole, each weigh the same; every anchor weighs
+the same). Half the
+anchors are drawn region by region, so a subpart of a dozen cells counts as much as a part of a
+thousand. A dense, per-cell signal: it trains in minutes where the decoder's objectives need hours
+to find the same structure.
 """
 from __future__ import annotations
 
@@ -48,6 +52,14 @@ def cell_labels(scene: Scene, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]
     return np.stack([sub.ravel(), part.ravel(), whole.ravel()]), whole.ravel() > 0
 
 
+def _anchors(regions: np.ndarray, cells: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` distinct cells of ``cells``: half by cell, half by region (``regions`` holds each cell's
+    smallest region; a region is drawn uniformly, then a cell in it)."""
+    _, inverse, sizes = np.unique(regions, return_inverse=True, return_counts=True)
+    weight = 0.5 / len(cells) + 0.5 / (len(sizes) * sizes[inverse])
+    return rng.choice(cells, size=min(count, len(cells)), replace=False, p=weight / weight.sum())
+
+
 def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
                      anchors: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
     """The pull/push loss on one scene's ``1 x 256 x 64 x 64`` embedding; returns (loss, stats).
@@ -59,7 +71,7 @@ def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Gener
     cells = np.flatnonzero(on_object)
     if len(cells) == 0:
         return embedding.sum() * 0.0, {}
-    pick = rng.choice(cells, size=min(anchors, len(cells)), replace=False)
+    pick = _anchors(labels[0][cells], cells, rng, anchors)
     on_object_t = torch.from_numpy(on_object)[None, :]
     target = OBJECT_VALUE * torch.from_numpy(on_object).to(embedding)
     total = (embedding[0, OBJ].flatten() - target).square().mean() / OBJECT_VALUE**2
@@ -69,7 +81,13 @@ def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Gener
         dots = codes[:, pick].T @ codes  # anchors x cells
         same = torch.from_numpy(labels[lv][pick][:, None] == labels[lv][None, :]) & on_object_t
         bce = F.binary_cross_entropy_with_logits((dots - MATCH) / MATCH_WIDTH, same.float(), reduction="none")
-        total = total + bce[same].mean() + bce[~same].mean()
+        pos, neg = same.to(bce), (~same).to(bce)
+        per_anchor = (bce * pos).sum(1) / pos.sum(1).clamp(min=1) + (bce * neg).sum(1) / neg.sum(1).clamp(min=1)
+        if lv < 2:  # the hard negatives, averaged on their own: the other regions of the anchor's part / whole
+            parent = labels[lv + 1]
+            near = (torch.from_numpy(parent[pick][:, None] == parent[None, :]) & ~same).to(bce)
+            per_anchor = per_anchor + (bce * near).sum(1) / near.sum(1).clamp(min=1)
+        total = total + per_anchor.mean()
         stats[f"gap_{name}"] = float((dots[same].mean() - dots[~same].mean()).detach())
     return total, stats
 
