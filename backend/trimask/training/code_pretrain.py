@@ -4,13 +4,12 @@
 a 16-channel code at every cell with the code under the click. This module trains the image
 encoder to write such codes on generated scenes: for random anchor cells on objects and every cell
 of the 64 x 64 grid, the dot product of their level-l codes is pushed above ``MATCH`` when both lie
-in the same subpart / part / whole and below it otherwise (a logistic loss on the dot product,
-for every anchor the mean over its positives, over its negatives and, for subparts and parts, over
-its hard negatives, the other regions of its part or whole, each weigh the same; every anchor weighs
-the same). Half the
-anchors are drawn region by region, so a subpart of a dozen cells counts as much as a part of a
-thousand. A dense, per-cell signal: it trains in minutes where the decoder's objectives need hours
-to find the same structure.
+in the same subpart / part / whole and below it otherwise (a logistic loss on the dot product;
+for every anchor the means over its positives, over its negatives and, for subparts and parts,
+over its hard negatives, the other regions of its part or whole, weigh the same, and every anchor
+weighs the same). Half the anchors are drawn region by region, so a subpart of a dozen cells counts
+as much as a part of a thousand. A dense, per-cell signal: it trains in minutes where the
+decoder's objectives need hours to find the same structure.
 """
 from __future__ import annotations
 
