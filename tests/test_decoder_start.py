@@ -305,3 +305,34 @@ def test_a_frozen_decoder_keeps_its_start_while_the_encoder_learns_with_the_code
     assert not torch.equal(before["image_encoder.stem.0.0.weight"], after["image_encoder.stem.0.0.weight"])
     assert not torch.equal(before["mask_decoder.iou_prediction_head.layers.0.weight"],
                            after["mask_decoder.iou_prediction_head.layers.0.weight"])
+
+
+def test_the_code_loss_summed_by_region_equals_the_loss_over_every_pair():
+    """The loss sums its logistic terms region by region with matrix products; written out over
+    every (anchor, cell) pair with masks, the loss and its gradient are the same."""
+    from trimask.training.code_pretrain import MATCH, MATCH_WIDTH, _anchor_terms
+
+    scene = generate_scene(5_000_000 + 3, varied_aspect=True)
+    labels, on_object = cell_labels(scene)
+    pick = np.random.default_rng(0).choice(np.flatnonzero(on_object), 100, replace=False)
+    codes = torch.randn(16, 64 * 64, generator=torch.Generator().manual_seed(0)) * 2
+    for level in range(3):
+        region, parent = labels[level], labels[level + 1] if level < 2 else None
+        fast_codes, slow_codes = codes.clone().requires_grad_(), codes.clone().requires_grad_()
+        fast, gap = _anchor_terms(fast_codes[:, pick].T @ fast_codes, region, parent, pick)
+
+        dots = slow_codes[:, pick].T @ slow_codes
+        same = torch.from_numpy(region[pick][:, None] == region[None, :])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            (dots - MATCH) / MATCH_WIDTH, same.float(), reduction="none")
+        pos, neg = same.float(), (~same).float()
+        slow = (bce * pos).sum(1) / pos.sum(1) + (bce * neg).sum(1) / neg.sum(1)
+        if parent is not None:
+            near = (torch.from_numpy(parent[pick][:, None] == parent[None, :]) & ~same).float()
+            assert near.sum() > 0
+            slow = slow + (bce * near).sum(1) / near.sum(1).clamp(min=1)
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+        assert abs(gap - float(dots[same].mean() - dots[~same].mean())) < 1e-3
+        fast.mean().backward()
+        slow.mean().backward()
+        torch.testing.assert_close(fast_codes.grad, slow_codes.grad, rtol=1e-3, atol=1e-6)

@@ -66,3 +66,27 @@ def test_varied_aspect_crops_some_scenes_and_keeps_their_maps_aligned():
         full = generate_scene(seed)  # the same scene, uncropped
         assert np.array_equal(full.image[:h, :w], s.image) or (h, w) == (256, 256)
     assert (256, 256) in shapes and len(shapes) > 3
+
+
+def test_shapes_and_textures_computed_in_a_window_equal_the_whole_grid():
+    """The generator computes each shape and texture only in the window that can hold it; with the same
+    random draws, the result is the one the whole grid gives, at the edges of the image too."""
+    from trimask.training.scenes import _shape_in, _shape_mask, _texture
+
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+    rng = np.random.default_rng(0)
+    kinds_seen = set()
+    for trial in range(120):
+        cy, cx = rng.uniform(-10, 266, 2)
+        r = float(rng.uniform(3.5, 82))
+        kinds_seen.add(int(np.random.default_rng(trial).integers(3)))
+        windowed = _shape_mask(np.random.default_rng(trial), yy, xx, cy, cx, r)
+        whole = _shape_in(np.random.default_rng(trial), yy, xx, cy, cx, r)
+        assert whole.any() or not (0 <= cy < 256 and 0 <= cx < 256)
+        np.testing.assert_array_equal(windowed, whole)
+    assert kinds_seen == {0, 1, 2}
+    base = np.array([100.0, 50.0, 200.0], np.float32)
+    for trial in range(16):
+        win = (slice(trial * 7, trial * 7 + 60), slice(200 - trial * 5, 256))
+        part = _texture(np.random.default_rng(trial), yy, xx, base, 20.0, win)
+        np.testing.assert_array_equal(part, _texture(np.random.default_rng(trial), yy, xx, base, 20.0)[win])

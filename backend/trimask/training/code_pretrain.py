@@ -71,24 +71,50 @@ def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Gener
     if len(cells) == 0:
         return embedding.sum() * 0.0, {}
     pick = _anchors(labels[0][cells], cells, rng, anchors)
-    on_object_t = torch.from_numpy(on_object)[None, :]
     target = OBJECT_VALUE * torch.from_numpy(on_object).to(embedding)
     total = (embedding[0, OBJ].flatten() - target).square().mean() / OBJECT_VALUE**2
     stats: dict[str, float] = {"objectness": float(total.detach())}
     for lv, name in enumerate(("subpart", "part", "whole")):
         codes = embedding[0, list(CODE[lv])].flatten(1)  # 16 x cells
         dots = codes[:, pick].T @ codes  # anchors x cells
-        same = torch.from_numpy(labels[lv][pick][:, None] == labels[lv][None, :]) & on_object_t
-        bce = F.binary_cross_entropy_with_logits((dots - MATCH) / MATCH_WIDTH, same.float(), reduction="none")
-        pos, neg = same.to(bce), (~same).to(bce)
-        per_anchor = (bce * pos).sum(1) / pos.sum(1).clamp(min=1) + (bce * neg).sum(1) / neg.sum(1).clamp(min=1)
-        if lv < 2:  # the hard negatives, averaged on their own: the other regions of the anchor's part / whole
-            parent = labels[lv + 1]
-            near = (torch.from_numpy(parent[pick][:, None] == parent[None, :]) & ~same).to(bce)
-            per_anchor = per_anchor + (bce * near).sum(1) / near.sum(1).clamp(min=1)
+        per_anchor, gap = _anchor_terms(dots, labels[lv], labels[lv + 1] if lv < 2 else None, pick)
         total = total + per_anchor.mean()
-        stats[f"gap_{name}"] = float((dots[same].mean() - dots[~same].mean()).detach())
+        stats[f"gap_{name}"] = gap
     return total, stats
+
+
+def _anchor_terms(dots: torch.Tensor, region: np.ndarray, parent: np.ndarray | None,
+                  pick: np.ndarray) -> tuple[torch.Tensor, float]:
+    """Each anchor's loss at one level from its ``anchors x cells`` dot products, and the mean dot
+    product gap (same region minus the rest).
+
+    The logistic loss of logit z against a label y is softplus(z) - y z, so its sum over any set of
+    cells is a sum of softplus(z) and of z over that set: summed per region with one matrix product,
+    the positives (the anchor's region), the negatives (the rest) and the hard negatives (the other
+    regions of the anchor's parent; regions nest, so they are the parent minus the region) cost no
+    per-pair masks. Anchors lie on objects, so background cells are always negatives.
+    """
+    ids, inverse, counts = np.unique(region, return_inverse=True, return_counts=True)
+    onehot = F.one_hot(torch.from_numpy(inverse), len(ids)).to(dots)  # cells x regions
+    own = torch.from_numpy(inverse[pick])[:, None]
+    logits = (dots - MATCH) / MATCH_WIDTH
+    soft = F.softplus(logits)
+    soft_own = (soft @ onehot).gather(1, own)[:, 0]
+    dots_own = (dots @ onehot).gather(1, own)[:, 0]
+    n_pos = torch.from_numpy(counts[inverse[pick]]).to(dots)
+    n_neg = dots.shape[1] - n_pos
+    logit_own = (dots_own - MATCH * n_pos) / MATCH_WIDTH
+    per_anchor = (soft_own - logit_own) / n_pos + (soft.sum(1) - soft_own) / n_neg.clamp(min=1)
+    if parent is not None:
+        p_ids, p_inverse, p_counts = np.unique(parent, return_inverse=True, return_counts=True)
+        p_onehot = F.one_hot(torch.from_numpy(p_inverse), len(p_ids)).to(dots)
+        soft_parent = (soft @ p_onehot).gather(1, torch.from_numpy(p_inverse[pick])[:, None])[:, 0]
+        n_near = torch.from_numpy(p_counts[p_inverse[pick]]).to(dots) - n_pos
+        per_anchor = per_anchor + (soft_parent - soft_own) / n_near.clamp(min=1)
+    d = dots.detach()
+    same_sum, same_n = float(dots_own.detach().sum()), float(n_pos.sum())
+    gap = same_sum / same_n - (float(d.sum()) - same_sum) / max(1.0, d.numel() - same_n)
+    return per_anchor, gap
 
 
 def prepare_encoder(encoder: torch.nn.Module) -> None:

@@ -70,8 +70,23 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
 
+def _around(cy: float, cx: float, extent: float) -> tuple[slice, slice]:
+    """The window of a grid within ``extent`` pixels of (cy, cx) (clipped at 0; slicing clips the far end)."""
+    y0, x0 = max(0, int(np.floor(cy - extent))), max(0, int(np.floor(cx - extent)))
+    return slice(y0, max(y0, int(np.ceil(cy + extent)) + 1)), slice(x0, max(x0, int(np.ceil(cx + extent)) + 1))
+
+
 def _shape_mask(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
-    """A random filled shape (ellipse, rounded rectangle or star-convex blob) around (cy, cx)."""
+    """A random filled shape (ellipse, rounded rectangle or star-convex blob) around (cy, cx).
+
+    Computed in the window that can hold it (no shape reaches beyond 1.42 r from its centre)."""
+    win = _around(cy, cx, 1.5 * r + 1)
+    out = np.zeros(yy.shape, bool)
+    out[win] = _shape_in(rng, yy[win], xx[win], cy, cx, r)
+    return out
+
+
+def _shape_in(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     kind = rng.integers(3)
     ang = rng.uniform(0, np.pi)
     dy, dx = yy - cy, xx - cx
@@ -93,12 +108,15 @@ def _shape_mask(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: fl
     return np.hypot(u, v) <= radius
 
 
-def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, base: np.ndarray, amp: float) -> np.ndarray:
-    """``H x W x 3`` float fill: a base colour with stripes, checks or smooth noise on top."""
+def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, base: np.ndarray, amp: float,
+             win: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+    """``H x W x 3`` float fill: a base colour with stripes, checks or smooth noise on top (only the
+    window ``win`` of the ``H x W`` grid of ``yy``, ``xx``; the random draws are the same)."""
     kind = rng.integers(4)
     h, w = yy.shape
+    yy, xx = yy[win], xx[win]
     if kind == 0:
-        pattern = np.zeros((h, w), np.float32)
+        pattern = np.zeros(yy.shape, np.float32)
     elif kind == 1:
         f = rng.uniform(0.15, 0.6)
         ang = rng.uniform(0, np.pi)
@@ -108,7 +126,7 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, base: np.
         pattern = ((xx // c + yy // c) % 2) * 2.0 - 1.0
     else:
         coarse = rng.standard_normal((h // 8 + 2, w // 8 + 2)).astype(np.float32)
-        pattern = np.kron(coarse, np.ones((8, 8), np.float32))[:h, :w]
+        pattern = np.kron(coarse, np.ones((8, 8), np.float32))[:h, :w][win]
         pattern = np.clip(pattern, -1.5, 1.5) / 1.5
     out = base[None, None, :] + amp * pattern[..., None].astype(np.float32) * rng.uniform(0.5, 1.0, 3)[None, None, :]
     return out
@@ -157,20 +175,21 @@ def generate_scene(seed: int, *, size: int = 256, max_objects: int = 4, varied_a
         n_parts = int(rng.integers(1, 4)) if flat else int(rng.integers(2, 5))
         pick = rng.choice(len(ys), size=n_parts, replace=False)
         sy, sx = ys[pick].astype(np.float32), xs[pick].astype(np.float32)
-        dist = (yy[..., None] - sy) ** 2 + (xx[..., None] - sx) ** 2
+        win = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))  # the shape's box
+        dist = (yy[win][..., None] - sy) ** 2 + (xx[win][..., None] - sx) ** 2
         cell = np.argmin(dist, axis=-1)
         hue0 = rng.uniform()
         fill = np.zeros((size, size, 3), np.float32)
         obj_part_ids = []
         for k in range(n_parts):
-            region = shape & (cell == k)
+            region = np.zeros_like(shape)
+            region[win] = in_box = shape[win] & (cell == k)
             hue = hue0 + k / n_parts + rng.uniform(-0.05, 0.05)
             base = _hsv(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
             if flat:
-                tex = np.broadcast_to(_contrasting(base, backdrop), (size, size, 3))
+                fill[win][in_box] = _contrasting(base, backdrop)
             else:
-                tex = _texture(rng, yy, xx, base, rng.uniform(0, 25))
-            fill[region] = tex[region]
+                fill[win][in_box] = _texture(rng, yy, xx, base, rng.uniform(0, 25), win)[in_box]
             pid = len(part_parent)
             part_parent.append(wid)
             obj_part_ids.append((pid, region))
