@@ -140,7 +140,9 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
 
 @pytest.mark.parametrize("args, named", [(["--code-pretrain-steps", "5"], "--code-match-start"),
                                          (["--code-match-start", "--similarity-init"], "--similarity-init"),
-                                         (["--freeze-encoder", "--code-loss-weight", "1"], "--freeze-encoder")])
+                                         (["--freeze-encoder", "--code-loss-weight", "1"], "--freeze-encoder"),
+                                         (["--calibrate-scenes", "3"], "--code-match-start"),
+                                         (["--code-match-start", "--calibrate-scenes", "-1"], "--calibrate-scenes")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -153,13 +155,13 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     import torch
 
     from trimask.models.build import build_sam, read_checkpoint
-    from trimask.training.decoder_start import FETCH_FREQUENCIES
+    from trimask.training.decoder_start import FETCH_FREQUENCIES, match_gains
 
     log = tmp_path / "run.log"
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
                               "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
                               "--code-pretrain-steps", "3", "--freeze-decoder", "--freeze-encoder",
-                              "--out", str(tmp_path / "t.pt"), "--log", str(log)],
+                              "--calibrate-scenes", "3", "--out", str(tmp_path / "t.pt"), "--log", str(log)],
                    capture_output=True, text=True, check=True)
     _, extra = read_checkpoint(tmp_path / "t.pt")
     assert extra["code_match_start"] is True
@@ -169,6 +171,11 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     sam = build_sam("tiny", tmp_path / "t.pt")
     g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
     assert torch.allclose(g[:, :8], torch.tensor(FETCH_FREQUENCIES), atol=1e-2)  # the start's layout, kept
+    # The thresholds chosen on the calibration scenes are the ones the checkpoint answers with.
+    calibration = extra["match_calibration"]
+    assert calibration["clicks"] >= 1
+    assert match_gains(sam) == pytest.approx(tuple(calibration["gains"]), abs=2e-3)
+    assert "match thresholds" in log.read_text()
     json.loads(log.read_text().splitlines()[-1])
 
 

@@ -12,6 +12,7 @@ DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt
 FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
+CALIBRATION_SCENE_OFFSET = 8_000_000  # scenes that choose the match thresholds (--calibrate-scenes)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-pretrain-minutes", type=float, default=None,
                    help="stop that pre-training after this many minutes (on top of --minutes; alone, it sets "
                    "no step limit)")
+    p.add_argument("--calibrate-scenes", type=int, default=0,
+                   help="with --code-match-start: after code pre-training, choose each level's match threshold "
+                   "(the sink logit of its comparison head) on this many training scenes, the one whose "
+                   "candidate fits that level best (default 0: keep the start's)")
     p.add_argument("--code-loss-weight", type=float, default=0.0,
                    help="add the region-code loss on the encoder's embedding to SAM's objectives with this weight "
                    "(keeps a code-match start's codes apart while SAM's loss trains; default 0)")
@@ -152,6 +157,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
         raise TrimaskError("--code-pretrain-steps and --code-pretrain-minutes train codes for --code-match-start; "
                            "pass it too.")
+    if args.calibrate_scenes < 0:
+        raise TrimaskError("--calibrate-scenes must be 0 or more.")
+    if args.calibrate_scenes and not args.code_match_start:
+        raise TrimaskError("--calibrate-scenes sets the thresholds of --code-match-start; pass it too.")
     _threads(args.threads)
     import torch
 
@@ -204,10 +213,24 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                 seed=args.seed, log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
+    calibration = None
+    if args.calibrate_scenes:
+        from trimask.training.match_calibration import calibrate_match
+
+        calib_base = base + CALIBRATION_SCENE_OFFSET
+        try:
+            calibration = calibrate_match(
+                sam, (generate_scene(calib_base + i, varied_aspect=True) for i in range(args.calibrate_scenes)),
+                seed=args.seed)
+        except ValueError as exc:
+            raise TrimaskError(f"--calibrate-scenes {args.calibrate_scenes}: {exc}; use more scenes.") from exc
+        log(f"match thresholds (sink logits, subpart / part / whole): {calibration['gains']} "
+            f"on {calibration['clicks']} clicks")
     with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
         extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
                  "init": str(args.init) if args.init is not None else None,
-                 "code_match_start": args.code_match_start, "code_pretrain": code_summary}
+                 "code_match_start": args.code_match_start, "code_pretrain": code_summary,
+                 "match_calibration": calibration}
         summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
                         progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))

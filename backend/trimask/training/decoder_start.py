@@ -158,10 +158,10 @@ def code_match_start(sam: Sam) -> None:
         for j, ch in enumerate(CODE[lv][:15]):
             i2t.q_proj.weight[16 * lv + j, ch] = CODE_SCALE
             i2t.k_proj.weight[16 * lv + j, ch] = CODE_SCALE
-        i2t.q_proj.bias[16 * lv + 15] = SINK_GAIN
         i2t.k_proj.weight[16 * lv + 15, SINK] = 1.0
         i2t.v_proj.weight[16 * lv, LABEL] = 1.0
         i2t.out_proj.weight[MARK[lv], 16 * lv] = MARK_GAIN
+    set_match_gains(sam, (SINK_GAIN,) * 3)
     _box_half_planes(i2t)
     # Layer 2: image->token head 0 marks the box; the rest and the final attention pass through.
     _zero(second.self_attn, second.cross_attn_token_to_image, second.cross_attn_image_to_token, second.mlp.lin2,
@@ -195,6 +195,26 @@ def code_match_start(sam: Sam) -> None:
         out.bias[UP_PREV[0]] = SINGLE_GAIN * SINGLE_READ["prev"] / UNIT_PREV
         out.bias[UP_PREV[1]] = -out.bias[UP_PREV[0]]
         out.bias[UP_CONSTANT] = -SINGLE_GAIN * SINGLE_READ["bias"] / UNIT_CONST
+
+
+def _match_heads(sam: Sam) -> torch.Tensor:
+    return sam.mask_decoder.transformer.layers[0].cross_attn_image_to_token.q_proj.bias
+
+
+@torch.no_grad()
+def set_match_gains(sam: Sam, gains: tuple[float, float, float]) -> None:
+    """Set the sink's logit of the subpart, part and whole comparison heads: the higher it is, the
+    closer a cell's code must be to the click's to take its mark (``trimask.training.match_calibration``
+    chooses them for the codes an encoder has learned)."""
+    bias = _match_heads(sam)
+    for lv, gain in enumerate(gains):
+        bias[16 * lv + 15] = gain
+
+
+def match_gains(sam: Sam) -> tuple[float, float, float]:
+    """The sink's logit of the three comparison heads (``set_match_gains``)."""
+    bias = _match_heads(sam).detach()
+    return tuple(round(float(bias[16 * lv + 15]), 4) for lv in range(3))
 
 
 def _read_token(proj: torch.nn.Linear, row: int, channel: int, weight: float) -> None:

@@ -1,0 +1,61 @@
+"""Choosing the code-match decoder's match thresholds for the codes an encoder has learned.
+
+The code loss (``trimask.training.code_pretrain``) pushes one region's dot products above 8 and the
+rest below, but where a decoder should cut depends on how the learned codes spread: pushed hard,
+a region's own dot products end far above 8 while the codes of its neighbours sit just above it,
+so the start's threshold (``SINK_GAIN``) marks too much. This module measures, on training scenes,
+which sink logit of each level's comparison head makes that level's candidate fit best, and sets it.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from trimask.models.sam import Sam
+from trimask.preprocess import preprocess
+from trimask.training.decoder_start import set_match_gains
+from trimask.training.evaluate import _center, _instances, _iou, postprocess
+from trimask.training.scenes import LEVELS, Scene
+from trimask.training.trainer import decode, to_frame
+
+# Sink logits tried, around the start's 1.33 (0.67 marks more cells, 2.67 far fewer).
+MATCH_GAIN_GRID = tuple(round(2 / 3 + i / 6, 3) for i in range(13))
+
+
+@torch.no_grad()
+def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...] = MATCH_GAIN_GRID,
+                    seed: int = 0) -> dict:
+    """Set, per level, the sink logit from ``grid`` whose multimask candidate (token 1 / 2 / 3) has the
+    highest mean IoU with that level's mask at clicks on subparts (at their centres, as ``trimask eval``
+    clicks, up to two per scene). Returns the gains chosen, the mean IoU at each gain and level, and
+    the number of clicks."""
+    device = next(sam.parameters()).device
+    rng = np.random.default_rng(seed)
+    totals = np.zeros((len(grid), 3))
+    clicks = 0
+    sam.eval()
+    for scene in scenes:
+        inst = _instances(scene, 2, rng)
+        if not inst:
+            continue
+        hw = scene.image.shape[:2]
+        emb = sam.image_encoder(preprocess(scene.image).to(device))
+        pts = torch.tensor(np.stack([to_frame(np.array([_center(s)]), hw) for s, _, _ in inst]),
+                           dtype=torch.float32, device=device)
+        lbl = torch.ones(len(inst), 1, device=device)
+        for g, gain in enumerate(grid):
+            set_match_gains(sam, (gain,) * 3)
+            cands = postprocess(decode(sam, emb, pts, lbl, None, None, True)[0].cpu(), hw).numpy()
+            for n, levels in enumerate(inst):
+                totals[g] += [_iou(cands[n, lv], levels[lv]) for lv in range(3)]
+        clicks += len(inst)
+    if not clicks:
+        raise ValueError("no scene had a subpart to click; nothing to calibrate on")
+    mean = totals / clicks
+    chosen = tuple(float(grid[i]) for i in mean.argmax(0))
+    set_match_gains(sam, chosen)
+    return {"gains": list(chosen), "clicks": clicks,
+            "iou": {name: {str(g): round(float(mean[i, lv]), 4) for i, g in enumerate(grid)}
+                    for lv, name in enumerate(LEVELS)}}
