@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "no step limit)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start: after code pre-training, choose each level's match threshold "
-                   "(the sink logit of its comparison head) on this many training scenes, the one whose "
-                   "candidate fits that level best (default 0: keep the start's)")
+                   "(the sink logit of its comparison head) on this many uncropped training scenes: the loosest one "
+                   "whose candidate fits that level within 0.01 of the best (default 0: keep the start's)")
     p.add_argument("--code-loss-weight", type=float, default=0.0,
                    help="add the region-code loss on the encoder's embedding to SAM's objectives with this weight "
                    "(keeps a code-match start's codes apart while SAM's loss trains; default 0)")
@@ -220,7 +220,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         calib_base = base + CALIBRATION_SCENE_OFFSET
         try:
             calibration = calibrate_match(
-                sam, (generate_scene(calib_base + i, varied_aspect=True) for i in range(args.calibrate_scenes)),
+                sam, (generate_scene(calib_base + i) for i in range(args.calibrate_scenes)),  # uncropped, as eval
                 seed=args.seed)
         except ValueError as exc:
             raise TrimaskError(f"--calibrate-scenes {args.calibrate_scenes}: {exc}; use more scenes.") from exc
