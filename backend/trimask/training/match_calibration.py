@@ -38,10 +38,10 @@ TOLERANCE = 0.01  # about what a few hundred clicks measure a level's mean IoU t
 @torch.no_grad()
 def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...] = MATCH_GAIN_GRID,
                     seed: int = 0) -> dict:
-    """Set, per level, the sink logit from ``grid`` whose multimask candidate (token 1 / 2 / 3) has the
-    highest mean IoU with that level's mask at clicks on subparts (at their centres, as ``trimask eval``
-    clicks, up to two per scene), or the loosest one within ``TOLERANCE`` of it (``loosest_near_best``).
-    Returns the gains chosen, the mean IoU at each gain and level, and the number of clicks."""
+    """Set, per level, the loosest sink logit from ``grid`` (ascending) at which that level's multimask
+    candidate (token 1 / 2 / 3) fits that level's mask within ``TOLERANCE`` of the best mean IoU over
+    the grid, at clicks on subparts (at their centres, as ``trimask eval`` clicks, up to two per
+    scene). Returns the gains chosen, the mean IoU at each gain and level, and the number of clicks."""
     device = next(sam.parameters()).device
     rng = np.random.default_rng(seed)
     totals = np.zeros((len(grid), 3))
@@ -73,5 +73,6 @@ def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
 
 
 def loosest_near_best(curve: np.ndarray, tolerance: float = TOLERANCE) -> int:
-    """The first index (the loosest threshold) whose value is within ``tolerance`` of the curve's best."""
+    """The first index (on an ascending grid, the loosest threshold) whose value is within ``tolerance``
+    of the curve's best."""
     return int(np.flatnonzero(curve >= curve.max() - tolerance)[0])
