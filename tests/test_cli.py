@@ -142,7 +142,10 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--similarity-init"], "--similarity-init"),
                                          (["--freeze-encoder", "--code-loss-weight", "1"], "--freeze-encoder"),
                                          (["--calibrate-scenes", "3"], "--code-match-start"),
-                                         (["--code-match-start", "--calibrate-scenes", "-1"], "--calibrate-scenes")])
+                                         (["--code-match-start", "--calibrate-scenes", "-1"], "--calibrate-scenes"),
+                                         (["--steps", "-1"], "--steps"),
+                                         (["--iou-fit-minutes", "-1"], "--iou-fit-minutes"),
+                                         (["--mark-strengths"], "--init")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -161,11 +164,13 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
                               "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
                               "--code-pretrain-steps", "3", "--freeze-decoder", "--freeze-encoder",
-                              "--calibrate-scenes", "3", "--out", str(tmp_path / "t.pt"), "--log", str(log)],
+                              "--calibrate-scenes", "3", "--iou-fit-minutes", "0.02", "--out", str(tmp_path / "t.pt"),
+                              "--log", str(log)],
                    capture_output=True, text=True, check=True)
     _, extra = read_checkpoint(tmp_path / "t.pt")
     assert extra["code_match_start"] is True
-    assert extra["train"]["train_encoder"] is False
+    assert extra["train"]["train_encoder"] is False and extra["train"]["steps_done"] == 1
+    assert extra["iou_fit"]["answers"] >= 1  # the last stage, after SAM's objectives
     assert extra["code_pretrain"]["steps"] == 3
     assert "codes step 0" in log.read_text()
     sam = build_sam("tiny", tmp_path / "t.pt")
@@ -176,7 +181,50 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     assert calibration["clicks"] >= 1
     assert match_gains(sam) == pytest.approx(tuple(calibration["gains"]), abs=2e-3)
     assert "match thresholds" in log.read_text()
-    json.loads(log.read_text().splitlines()[-1])
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[-2])["steps"] == 1 and lines[-1].startswith("iou head fitted: ")
+
+
+def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.training.decoder_start import match_gains
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    # The bundled weights as they were before the IoU token gathered mark strengths (heads 0..3 of
+    # the final attention zero).
+    final = "mask_decoder.transformer.final_attn_token_to_image."
+    strengths = [final + f"{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    older = dict(bundled)
+    for k in strengths:
+        older[k] = bundled[k].clone()
+        if "out_proj" in k:
+            older[k][:, :64] = 0
+        else:
+            older[k][:64] = 0
+        assert not torch.equal(older[k], bundled[k])
+    torch.save({"model": older, **bundled_extra}, tmp_path / "older.pt")
+    log = tmp_path / "run.log"
+    out = subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(tmp_path / "older.pt"),
+                                    "--mark-strengths", "--iou-fit-minutes", "0.05", "--out", str(tmp_path / "t.pt"),
+                                    "--log", str(log)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "no steps of SAM's objectives" in out
+    state, extra = read_checkpoint(tmp_path / "t.pt")
+    head = [k for k in bundled if k.startswith("mask_decoder.iou_prediction_head.")]
+    # Everything but the IoU head and the strength heads is kept exactly; the strength heads are
+    # laid out as in the bundled weights, and the IoU head is a new one.
+    assert all(torch.equal(state[k], older[k]) for k in older if k not in head + strengths)
+    assert all(torch.equal(state[k], bundled[k]) for k in strengths)
+    assert any(not torch.equal(state[k], older[k]) for k in head)
+    assert extra["mark_strengths"] is True and "train" not in extra
+    assert extra["init_record"]["match_calibration"] == bundled_extra["match_calibration"]
+    fit = extra["iou_fit"]
+    assert fit["scenes"] >= 1 and fit["answers"] >= 5
+    assert fit["mse_after"] <= fit["mse_before"]
+    assert "iou head fitted" in log.read_text()
+    assert match_gains(build_sam("tiny", tmp_path / "t.pt")) == match_gains(build_sam("tiny"))
 
 
 def test_code_pretrain_minutes_alone_run_until_the_time_limit(tmp_path: Path):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from trimask.models.build import build_sam
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder, pretrain_codes, region_code_loss
-from trimask.training.decoder_start import AREA, CODE, CODE_CHANNELS, FETCH_FREQUENCIES, OBJ, OBJECT_VALUE, code_match_start
+from trimask.training.decoder_start import (AREA, CODE, CODE_CHANNELS, FETCH_FREQUENCIES, OBJ, OBJECT_VALUE, STRENGTH,
+                                           STRENGTH_OBJECT, ZREF, code_match_start)
 from trimask.training.evaluate import _center, postprocess
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
@@ -180,6 +181,31 @@ def test_the_iou_token_learns_how_large_each_answer_is():
         feature.append(float(seen["tokens"][0, 0, AREA[2]]))  # the IoU token's whole-mark mean
     assert feature[:-1] == sorted(feature[:-1])  # grows with the whole's area
     assert feature[-1] < 0.5 * feature[0]  # a click on the background marks nothing
+
+
+def test_the_iou_token_sees_how_strongly_each_candidate_matches_and_the_masks_stay():
+    sam, scene, emb = _start_and_scene()
+    clicks = [[c] for _, _, c in _part_clicks(scene, 3)]
+    seen = {}
+    sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o[0]))
+
+    def strengths(embedding):
+        masks = _answers(sam, embedding, clicks)
+        tokens = seen["tokens"]
+        return masks, (tokens[:, 0, list(STRENGTH[:3])] - tokens[:, 0, ZREF, None]).clone()  # ZREF: the norm's shift
+
+    masks, strong = strengths(emb)
+    weaker = emb.clone()
+    weaker[:, list(CODE_CHANNELS)] *= 0.8  # the same regions; every cell matches its click's code less
+    _, weak = strengths(weaker)
+    assert bool((weak < strong - 0.1).all())
+    # The masks do not depend on what the IoU token gathers.
+    final = sam.mask_decoder.transformer.final_attn_token_to_image
+    with torch.no_grad():
+        final.out_proj.weight[list(STRENGTH + STRENGTH_OBJECT)] = 0.0
+    unheard, silent = strengths(emb)
+    assert np.array_equal(unheard, masks)
+    assert float(silent.abs().max()) < 1e-3 < float(strong.min())
 
 
 def test_region_code_loss_separates_regions_and_the_other_channels_stay_silent():

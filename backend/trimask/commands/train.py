@@ -13,6 +13,7 @@ FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
 CALIBRATION_SCENE_OFFSET = 8_000_000  # scenes that choose the match thresholds (--calibrate-scenes)
+IOU_FIT_SCENE_OFFSET = 9_000_000  # scenes whose answers the IoU head is fitted on (--iou-fit-minutes)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (scene stream and initialization), 0..99")
     p.add_argument("--out", type=Path, default=DEFAULT_TINY_OUT, help="checkpoint to write (fp16, rewritten periodically)")
-    p.add_argument("--steps", type=int, default=650, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=650,
+                   help="optimizer steps of SAM's objectives (0: none, e.g. when --iou-fit-minutes fits the IoU head)")
     p.add_argument("--coarse-fraction", type=float, default=0.8,
                    help="fraction of steps at the coarse 32x32 decoder grid (progressive resolution)")
     p.add_argument("--window-fraction", type=float, default=0.0,
@@ -59,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --code-match-start: after code pre-training, choose each level's match threshold "
                    "(the sink logit of its comparison head) on this many uncropped training scenes: the loosest one "
                    "whose candidate fits that level within 0.01 of the best (default 0: keep the start's)")
+    p.add_argument("--iou-fit-minutes", type=float, default=0.0,
+                   help="last stage: answer simulated prompts on training scenes for this many minutes with the model "
+                   "as it is, then fit a fresh IoU head to the actual IoU of each answer (SAM's IoU MSE on the "
+                   "frozen IoU token's states; a held-out fifth picks the stopping step); default 0: none")
+    p.add_argument("--mark-strengths", action="store_true",
+                   help="with --init weights of the code-match layout made before its IoU token gathered each mark's "
+                   "strength (heads 0..3 of the final attention): lay those heads out (the masks do not change); "
+                   "then fit the IoU head to them with --iou-fit-minutes")
     p.add_argument("--code-loss-weight", type=float, default=0.0,
                    help="add the region-code loss on the encoder's embedding to SAM's objectives with this weight "
                    "(keeps a code-match start's codes apart while SAM's loss trains; default 0)")
@@ -134,12 +144,17 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     from trimask.training.code_pretrain import prepare_encoder, pretrain_codes
     from trimask.training.decoder_start import code_match_start
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
-    from trimask.training.trainer import TrainConfig, scene_to_sample, similarity_init, train
+    from trimask.training.trainer import TrainConfig, save_checkpoint, scene_to_sample, similarity_init, train
 
     if not 0 <= args.seed < 100:
         raise TrimaskError("--seed must be between 0 and 99 so training scenes stay apart from the held-out ones.")
-    if args.steps < 1:
-        raise TrimaskError("--steps must be at least 1.")
+    if args.steps < 0:
+        raise TrimaskError("--steps must be 0 or more.")
+    if args.iou_fit_minutes < 0:
+        raise TrimaskError("--iou-fit-minutes must be 0 or more.")
+    if args.mark_strengths and args.init is None:
+        raise TrimaskError("--mark-strengths adds to --init weights (--code-match-start lays the heads out itself); "
+                           "pass --init.")
     if not 8 <= args.window_cells <= 64:
         raise TrimaskError("--window-cells must be between 8 and 64 (the embedding is 64 x 64 cells).")
     if not (0.0 <= args.window_fraction <= 1.0 and 0.0 <= args.coarse_fraction <= 1.0):
@@ -169,6 +184,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     encoder_kwargs: dict = {}
+    init_extra: dict = {}
     if args.init is not None:
         sam, init_extra = build_sam_and_extra("tiny", args.init)
         encoder_kwargs = init_extra.get("encoder_kwargs") or {}
@@ -178,6 +194,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         for m in sam.modules():
             if hasattr(m, "reset_parameters") and m is not sam:
                 m.reset_parameters()
+    if args.mark_strengths:
+        from trimask.training.decoder_start import mark_strengths
+
+        mark_strengths(sam)
     if args.similarity_init:
         similarity_init(sam)
     if args.code_match_start:
@@ -226,16 +246,46 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             raise TrimaskError(f"--calibrate-scenes {args.calibrate_scenes}: {exc}; use more scenes.") from exc
         log(f"match thresholds (sink logits, subpart / part / whole): {calibration['gains']} "
             f"on {calibration['clicks']} clicks")
-    with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
-        extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
-                 "init": str(args.init) if args.init is not None else None,
-                 "code_match_start": args.code_match_start, "code_pretrain": code_summary,
-                 "match_calibration": calibration}
-        summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
-                        progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
-    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
-    print(f"wrote {args.out} after {summary['steps']} steps in {summary['seconds'] / 60:.1f} min")
+    extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
+             "init": str(args.init) if args.init is not None else None,
+             "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
+             "mark_strengths": args.mark_strengths,
+             "code_match_start": args.code_match_start, "code_pretrain": code_summary,
+             "match_calibration": calibration}
+    summary = None
+    if cfg.steps:
+        with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
+            summary = train(sam, cfg, samples, out=args.out, extra=extra, log=log,
+                            progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+        extra = {**extra, "train": summary["record"]}
+    if args.iou_fit_minutes:
+        extra = {**extra, "iou_fit": _fit_iou_head(sam, base + IOU_FIT_SCENE_OFFSET, args, log)}
+    if summary is None or args.iou_fit_minutes:
+        save_checkpoint(sam, args.out, extra)
+    done = f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min" if summary else "no steps of SAM's objectives"
+    print(f"wrote {args.out} after {done}")
     return 0
+
+
+def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
+    """The --iou-fit-minutes stage: collect the model's answers, fit a fresh IoU head; returns its summary."""
+    from tqdm import tqdm
+
+    from trimask.training.iou_fit import collect_answers, fit_iou_head
+    from trimask.training.scenes import generate_scene
+
+    head = sam.mask_decoder.iou_prediction_head
+    for m in head.modules():
+        if hasattr(m, "reset_parameters") and m is not head:
+            m.reset_parameters()
+    scenes = (generate_scene(scene_base + i, varied_aspect=True) for i in range(10**7))
+    with tqdm(desc="iou-fit answers", unit="scene", file=sys.stderr) as bar:
+        answers = collect_answers(sam, scenes, seed=args.seed, max_seconds=args.iou_fit_minutes * 60, progress=bar.update)
+    fit = fit_iou_head(head, answers, seed=args.seed)
+    fit["scenes"] = answers["scenes"]
+    log("iou head fitted: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in fit.items()}))
+    return fit
 
 
 def run_eval(args: argparse.Namespace) -> int:

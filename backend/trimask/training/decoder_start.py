@@ -60,6 +60,10 @@ OBJECT_VALUE = 4.0
 PREV = 83  # the sign of the mask input at each cell
 AREA = (100, 101, 102, 103)  # in the tokens: each mark's mean over the image (subpart, part, whole, box)
 AREA_GAIN = 4.0
+# In the tokens: each mark's mean where it is strongest, and objectness there (subpart, part, whole, box)
+STRENGTH = (104, 105, 106, 107)
+STRENGTH_OBJECT = (108, 109, 110, 111)
+STRENGTH_SHARPNESS = 4.0  # attention logit of a cell with a full mark (others 0): about e^4 = 55 times the weight
 DENSE = 90  # a constant in every image cell keeps the LayerNorms of empty cells from amplifying noise
 ZREF = 10  # a channel that is 0 in every positional encoding: subtracting it cancels a LayerNorm's shift
 CORNER_STATE = 16.0  # a corner token's kept type after the first LayerNorm (one channel of 8 -> ~16)
@@ -168,6 +172,7 @@ def code_match_start(sam: Sam) -> None:
           tr.final_attn_token_to_image)
     _box_and_object(second.cross_attn_image_to_token)
     _mark_areas(tr.final_attn_token_to_image)
+    mark_strengths(sam)
     _mask_input(pe.mask_downscaling)
     # Upscaling: marks -> channels 0..2 and their negative twins; a constant channel keeps
     # LayerNorm2d close to linear.
@@ -280,6 +285,30 @@ def _mark_areas(final: torch.nn.Module) -> None:
     for j, ch in enumerate((*MARK, BOXMARK)):
         final.v_proj.weight[112 + j, ch] = 1.0
         final.out_proj.weight[AREA[j], 112 + j] = AREA_GAIN
+
+
+@torch.no_grad()
+def mark_strengths(sam: Sam) -> None:
+    """Heads 0..3 of the final token->image attention give the IoU token, per mark (subpart, part, whole,
+    box), the mark's mean and objectness's mean over the cells weighted by e^(4 x the cell's mark): that is,
+    mostly over the candidate itself. A candidate whose cells match the click only weakly, or spill off
+    objects, shows it here; its area alone (``AREA``) does not. Only the IoU token has a query (its type
+    channel), and the hypernetworks read constants only, so the masks do not change.
+
+    Measured after the layout's norms on clicks of generated scenes: a full mark is about 4 (minus the
+    token's ``ZREF``), the IoU token's type channel about 24.
+    """
+    final = sam.mask_decoder.transformer.final_attn_token_to_image
+    full_mark, iou_type = 4.0, 24.0
+    gain = STRENGTH_SHARPNESS * math.sqrt(16) / (full_mark * iou_type)
+    for h, ch in enumerate((*MARK, BOXMARK)):
+        d = 16 * h
+        _read_token(final.q_proj, d, SINK, gain)
+        _read_token(final.k_proj, d, ch, 1.0)
+        _read_token(final.v_proj, d, ch, 1.0 / full_mark)
+        _read_token(final.v_proj, d + 1, OBJ, 1.0 / OBJECT_VALUE)
+        final.out_proj.weight[STRENGTH[h], d] = AREA_GAIN
+        final.out_proj.weight[STRENGTH_OBJECT[h], d + 1] = AREA_GAIN
 
 
 def _mask_input(down: torch.nn.Sequential) -> None:

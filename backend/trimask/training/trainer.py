@@ -498,4 +498,5 @@ def train(
     sam.eval()
     for p in sam.parameters():
         p.requires_grad_(True)
-    return {"steps": done, "coarse_steps": coarse_done, "window_steps": window_done, "seconds": time.time() - start, "first_loss": first_loss, **ema}
+    return {"steps": done, "coarse_steps": coarse_done, "window_steps": window_done, "seconds": time.time() - start,
+            "first_loss": first_loss, **ema, "record": meta()["train"]}
