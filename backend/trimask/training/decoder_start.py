@@ -23,10 +23,11 @@ fixed channels of the embedding:
   reach the 4x grid as (x, -x) pairs, since GELU(x) - GELU(-x) = x;
 - token 0, the single-mask output, reads the previous answer plus the clicks' regions (so a positive
   click adds its part, a negative one removes its subpart) plus the box mark;
-- the final attention gives the tokens each mark's mean over the image (``AREA``), for the IoU head.
+- the final attention gives the tokens each mark's mean over the image (``AREA``), and the IoU token
+  each mark's strength and objectness over the candidate itself (``STRENGTH``), for the IoU head.
 
-Everything else passes through (residuals and norms). The IoU head is left for training, which takes
-over from this start (the model card says what it measured). Nothing here changes the architecture
+Everything else passes through (residuals and norms). The IoU head is left for training
+(``trimask.training.iou_fit`` fits it to the answers; the model card says what it measured). Nothing here changes the architecture
 or the product path (ONNX decoder, browser).
 """
 from __future__ import annotations
@@ -296,7 +297,7 @@ def mark_strengths(sam: Sam) -> None:
     channel), and the hypernetworks read constants only, so the masks do not change.
 
     Measured after the layout's norms on clicks of generated scenes: a full mark is about 4 (minus the
-    token's ``ZREF``), the IoU token's type channel about 24.
+    cell's ``ZREF``, the norm's shift), the IoU token's type channel about 24.
     """
     final = sam.mask_decoder.transformer.final_attn_token_to_image
     full_mark, iou_type = 4.0, 24.0
