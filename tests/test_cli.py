@@ -145,7 +145,8 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--calibrate-scenes", "-1"], "--calibrate-scenes"),
                                          (["--steps", "-1"], "--steps"),
                                          (["--iou-fit-minutes", "-1"], "--iou-fit-minutes"),
-                                         (["--mark-strengths"], "--init")])
+                                         (["--mark-strengths"], "--init"),
+                                         (["--code-match-start", "--code-lr", "0"], "--code-lr")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -225,6 +226,50 @@ def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp
     assert fit["mse_after"] <= fit["mse_before"]
     assert "iou head fitted" in log.read_text()
     assert match_gains(build_sam("tiny", tmp_path / "t.pt")) == match_gains(build_sam("tiny"))
+
+
+def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.training.decoder_start import match_gains
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    done, record = 0, bundled_extra
+    while record:  # the code scenes every run behind the bundled weights used
+        done += (record.get("code_pretrain") or {}).get("steps", 0)
+        record = record.get("init_record")
+    assert done > 1000
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
+                              "--code-pretrain-steps", "2", "--code-lr", "5e-4", "--calibrate-scenes", "3",
+                              "--out", str(tmp_path / "t.pt")],
+                   capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "t.pt")
+    # The codes go on from the scene after the last one the bundled weights saw, at the given rate.
+    assert extra["code_pretrain"]["steps"] == 2 and extra["code_pretrain"]["first_scene"] == done
+    assert extra["code_pretrain"]["lr"] == 5e-4
+    encoder = [k for k in bundled if k.startswith("image_encoder.")]
+    assert any(not torch.equal(state[k], bundled[k]) for k in encoder)
+    # The decoder's layout is kept but for the match thresholds, which are chosen anew.
+    calibration = extra["match_calibration"]
+    assert match_gains(build_sam("tiny", tmp_path / "t.pt")) == pytest.approx(tuple(calibration["gains"]), abs=2e-3)
+    sinks = "mask_decoder.transformer.layers.0.cross_attn_image_to_token.q_proj.bias"
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled
+               if k.startswith(("mask_decoder.", "prompt_encoder.")) and k != sinks)
+    assert extra["init_record"]["code_pretrain"] == bundled_extra["code_pretrain"]
+
+
+def test_train_tiny_refuses_codes_for_weights_without_the_code_match_layout(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+
+    state, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    torch.save({"model": state, "encoder_kwargs": {}, "code_match_start": False}, tmp_path / "plain.pt")
+    line = _one_line_error(["train-tiny", "--steps", "0", "--init", str(tmp_path / "plain.pt"),
+                            "--code-pretrain-steps", "2", "--out", str(tmp_path / "t.pt")])
+    assert "--code-match-start" in line and "plain.pt" in line
+    assert not (tmp_path / "t.pt").exists()
 
 
 def test_code_pretrain_minutes_alone_run_until_the_time_limit(tmp_path: Path):

@@ -52,13 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "answered by matching per-level region codes the encoder writes; see the model card) instead "
                    "of random weights")
     p.add_argument("--code-pretrain-steps", type=int, default=0,
-                   help="with --code-match-start: first train the encoder alone to write those region codes "
+                   help="with --code-match-start (or --init weights made with it, to train their codes on from "
+                   "the scenes they stopped at): first train the encoder alone to write those region codes "
                    "for up to this many scenes (default 0: none)")
     p.add_argument("--code-pretrain-minutes", type=float, default=None,
                    help="stop that pre-training after this many minutes (on top of --minutes; alone, it sets "
                    "no step limit)")
+    p.add_argument("--code-lr", type=float, default=2e-3,
+                   help="peak learning rate of the code pre-training (default 2e-3; lower to go on training "
+                   "--init codes)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
-                   help="with --code-match-start: after code pre-training, choose each level's match threshold "
+                   help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
+                   "each level's match threshold "
                    "(the sink logit of its comparison head) on this many uncropped training scenes: the loosest one "
                    "whose candidate fits that level within 0.01 of the best (default 0: keep the start's)")
     p.add_argument("--iou-fit-minutes", type=float, default=0.0,
@@ -169,13 +174,14 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-loss-weight trains the encoder; it cannot be combined with --freeze-encoder.")
     if args.code_pretrain_steps < 0:
         raise TrimaskError("--code-pretrain-steps must be 0 or more.")
-    if (args.code_pretrain_steps or args.code_pretrain_minutes) and not args.code_match_start:
-        raise TrimaskError("--code-pretrain-steps and --code-pretrain-minutes train codes for --code-match-start; "
-                           "pass it too.")
+    if args.code_lr <= 0:
+        raise TrimaskError("--code-lr must be above 0.")
     if args.calibrate_scenes < 0:
         raise TrimaskError("--calibrate-scenes must be 0 or more.")
-    if args.calibrate_scenes and not args.code_match_start:
-        raise TrimaskError("--calibrate-scenes sets the thresholds of --code-match-start; pass it too.")
+    code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes)
+    if code_stages and not args.code_match_start and args.init is None:
+        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes and --calibrate-scenes work on the "
+                           "code-match layout; pass --code-match-start, or --init weights made with it.")
     _threads(args.threads)
     import torch
 
@@ -185,15 +191,15 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     encoder_kwargs: dict = {}
     init_extra: dict = {}
+    code_scenes_done = 0  # code pre-training scenes the --init weights were made with
     if args.init is not None:
         sam, init_extra = build_sam_and_extra("tiny", args.init)
         encoder_kwargs = init_extra.get("encoder_kwargs") or {}
+        if code_stages:
+            code_scenes_done = _code_scenes_done(args.init, init_extra)
     else:
         sam = build_sam("tiny", random_init=True)
-        # A fresh seeded init (build_sam's random init is fixed; the run seed decides this one).
-        for m in sam.modules():
-            if hasattr(m, "reset_parameters") and m is not sam:
-                m.reset_parameters()
+        _reinit(sam)  # a fresh seeded init (build_sam's random init is fixed; the run seed decides this one)
     if args.mark_strengths:
         from trimask.training.decoder_start import mark_strengths
 
@@ -228,10 +234,12 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.code_pretrain_steps or args.code_pretrain_minutes:
         with tqdm(total=args.code_pretrain_steps or None, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
-                sam.image_encoder, lambda i: generate_scene(base + CODE_SCENE_OFFSET + i, varied_aspect=True),
+                sam.image_encoder,
+                lambda i: generate_scene(base + CODE_SCENE_OFFSET + code_scenes_done + i, varied_aspect=True),
                 steps=args.code_pretrain_steps or 10**9,  # minutes alone: the time limit ends it
-                seed=args.seed, log=log, progress=bar.update,
+                seed=args.seed, lr=args.code_lr, log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
+        code_summary = {**code_summary, "first_scene": code_scenes_done, "lr": args.code_lr}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
     calibration = None
     if args.calibrate_scenes:
@@ -268,6 +276,28 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reinit(module) -> None:
+    """Draw every submodule's parameters of ``module`` afresh from torch's current random state."""
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
+
+
+def _code_scenes_done(init: Path, record: dict) -> int:
+    """How many code pre-training scenes the runs that made ``init`` (its checkpoint's ``record``) used,
+    summed over the chain of ``init_record``s, so that training its codes on draws new scenes; an error
+    when no run in the chain laid out the code-match decoder."""
+    done, code_match = 0, False
+    while record:
+        code_match = code_match or bool(record.get("code_match_start"))
+        done += int((record.get("code_pretrain") or {}).get("steps", 0))
+        record = record.get("init_record")
+    if not code_match:
+        raise TrimaskError(f"{init} was not made with --code-match-start, so it has no codes to train or match "
+                           "thresholds to set.")
+    return done
+
+
 def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
     """The --iou-fit-minutes stage: collect the model's answers, fit a fresh IoU head; returns its summary."""
     from tqdm import tqdm
@@ -276,9 +306,7 @@ def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
     from trimask.training.scenes import generate_scene
 
     head = sam.mask_decoder.iou_prediction_head
-    for m in head.modules():
-        if hasattr(m, "reset_parameters") and m is not head:
-            m.reset_parameters()
+    _reinit(head)
     scenes = (generate_scene(scene_base + i, varied_aspect=True) for i in range(10**7))
     with tqdm(desc="iou-fit answers", unit="scene", file=sys.stderr) as bar:
         answers = collect_answers(sam, scenes, seed=args.seed, max_seconds=args.iou_fit_minutes * 60, progress=bar.update)

@@ -62,6 +62,7 @@ def collect_answers(sam: Sam, scenes: Iterable[Scene], *, seed: int = 0, prompts
         valid.append(v)
 
     start, used = time.time(), 0
+    device = next(sam.parameters()).device
     try:
         for scene in scenes:
             if max_seconds is not None and time.time() - start >= max_seconds:
@@ -73,7 +74,6 @@ def collect_answers(sam: Sam, scenes: Iterable[Scene], *, seed: int = 0, prompts
             if not groups:
                 continue
             hw = scene.image.shape[:2]
-            device = next(sam.parameters()).device
             emb = sam.image_encoder(preprocess(scene.image).to(device))
             levels = torch.from_numpy(np.stack([[low_res_target(m) for m in g] for g in groups])).to(device)  # N x 3 x 256 x 256
             n = len(groups)
