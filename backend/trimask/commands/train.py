@@ -63,9 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "--init codes)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
-                   "each level's match threshold "
-                   "(the sink logit of its comparison head) on this many uncropped training scenes: the loosest one "
-                   "whose candidate fits that level within 0.01 of the best (default 0: keep the start's)")
+                   "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
+                   "training scenes: the loosest one whose candidate fits that level within 0.01 of the best "
+                   "(default 0: keep the start's)")
     p.add_argument("--iou-fit-minutes", type=float, default=0.0,
                    help="last stage: answer simulated prompts on training scenes for this many minutes with the model "
                    "as it is, then fit a fresh IoU head to the actual IoU of each answer (SAM's IoU MSE on the "
