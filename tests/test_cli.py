@@ -146,7 +146,9 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--steps", "-1"], "--steps"),
                                          (["--iou-fit-minutes", "-1"], "--iou-fit-minutes"),
                                          (["--mark-strengths"], "--init"),
-                                         (["--code-match-start", "--code-lr", "0"], "--code-lr")])
+                                         (["--code-match-start", "--code-lr", "0"], "--code-lr"),
+                                         (["--code-match-start", "--code-batch", "0"], "--code-batch"),
+                                         (["--code-match-start", "--code-workers", "-1"], "--code-workers")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -164,7 +166,8 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     log = tmp_path / "run.log"
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
                               "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
-                              "--code-pretrain-steps", "3", "--freeze-decoder", "--freeze-encoder",
+                              "--code-pretrain-steps", "3", "--code-batch", "2", "--code-workers", "1",
+                              "--freeze-decoder", "--freeze-encoder",
                               "--calibrate-scenes", "3", "--iou-fit-minutes", "0.02", "--out", str(tmp_path / "t.pt"),
                               "--log", str(log)],
                    capture_output=True, text=True, check=True)
@@ -172,7 +175,7 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     assert extra["code_match_start"] is True
     assert extra["train"]["train_encoder"] is False and extra["train"]["steps_done"] == 1
     assert extra["iou_fit"]["answers"] >= 1  # the last stage, after SAM's objectives
-    assert extra["code_pretrain"]["steps"] == 3
+    assert extra["code_pretrain"]["steps"] == 3 and extra["code_pretrain"]["scenes"] == 6
     assert "codes step 0" in log.read_text()
     sam = build_sam("tiny", tmp_path / "t.pt")
     g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
@@ -257,6 +260,15 @@ def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Pa
     assert all(torch.equal(state[k], bundled[k]) for k in bundled
                if k.startswith(("mask_decoder.", "prompt_encoder.")) and k != sinks)
     assert extra["init_record"]["code_pretrain"] == bundled_extra["code_pretrain"]
+
+
+def test_codes_go_on_after_every_scene_of_batched_and_older_runs():
+    from trimask.commands.train import _code_scenes_done
+
+    # A run of 3 steps of 2 scenes on weights made by a run from before --code-batch: 5 steps, a scene each.
+    record = {"code_match_start": True, "code_pretrain": {"steps": 3, "scenes": 6, "batch": 2},
+              "init_record": {"code_match_start": True, "code_pretrain": {"steps": 5}}}
+    assert _code_scenes_done(Path("w.pt"), record) == 11
 
 
 def test_train_tiny_refuses_codes_for_weights_without_the_code_match_layout(tmp_path: Path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -230,6 +231,44 @@ def test_region_code_loss_separates_regions_and_the_other_channels_stay_silent()
     other = [c for c in range(256) if c not in {*CODE_CHANNELS, OBJ}]
     assert torch.count_nonzero(emb[0, other]) == 0
     assert emb[0, list(CODE_CHANNELS)].abs().mean() > 0.1
+
+
+def test_code_pretraining_in_batches_made_by_workers_is_the_run_made_here():
+    """``batch`` scenes a step, in scene order, whoever makes them: two worker processes give the very
+    weights the training process gives alone."""
+    import functools
+
+    from trimask.commands.train import _code_scene
+
+    def run(batch: int, workers: int, steps: int) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        encoder = build_sam("tiny", random_init=True).image_encoder
+        prepare_encoder(encoder)
+        summary = pretrain_codes(encoder, functools.partial(_code_scene, 7_000), steps=steps, batch=batch,
+                                 workers=workers, seed=3, log=lambda line: None)
+        return summary, {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    here, here_weights = run(2, 0, 3)
+    workers, workers_weights = run(2, 2, 3)
+    assert here["steps"] == workers["steps"] == 3 and here["scenes"] == workers["scenes"] == 6
+    assert all(torch.equal(here_weights[k], workers_weights[k]) for k in here_weights)
+    single, single_weights = run(1, 0, 3)
+    assert single["scenes"] == 3 and single["batch"] == 1
+    assert any(not torch.equal(single_weights[k], here_weights[k]) for k in here_weights)
+    # The scenes are drawn in order, each once.
+    seen: list[int] = []
+
+    def scenes(i: int):
+        seen.append(i)
+        return generate_scene(7_000 + i, varied_aspect=True)
+
+    torch.manual_seed(0)
+    encoder = build_sam("tiny", random_init=True).image_encoder
+    prepare_encoder(encoder)
+    pretrain_codes(encoder, scenes, steps=2, batch=2, seed=3, log=lambda line: None)
+    assert seen == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="batch"):
+        pretrain_codes(encoder, scenes, steps=1, batch=0, log=lambda line: None)
 
 
 def _cell_code_embedding(scene, seed: int = 0) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -54,13 +55,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-pretrain-steps", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it, to train their codes on from "
                    "the scenes they stopped at): first train the encoder alone to write those region codes "
-                   "for up to this many scenes (default 0: none)")
+                   "for up to this many steps of --code-batch scenes (default 0: none)")
     p.add_argument("--code-pretrain-minutes", type=float, default=None,
                    help="stop that pre-training after this many minutes (on top of --minutes; alone, it sets "
                    "no step limit)")
     p.add_argument("--code-lr", type=float, default=2e-3,
                    help="peak learning rate of the code pre-training (default 2e-3; lower to go on training "
                    "--init codes)")
+    p.add_argument("--code-batch", type=int, default=1,
+                   help="scenes per step of the code pre-training (default 1; more on a GPU, which one scene "
+                   "leaves idle)")
+    p.add_argument("--code-workers", type=int, default=0,
+                   help="processes that make the code pre-training's scenes (default 0: the training process "
+                   "itself; on a GPU, about the CPU cores less one)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
@@ -176,6 +183,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-pretrain-steps must be 0 or more.")
     if args.code_lr <= 0:
         raise TrimaskError("--code-lr must be above 0.")
+    if args.code_batch < 1 or args.code_workers < 0:
+        raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
     if args.calibrate_scenes < 0:
         raise TrimaskError("--calibrate-scenes must be 0 or more.")
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes)
@@ -235,9 +244,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         with tqdm(total=args.code_pretrain_steps or None, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
                 sam.image_encoder,
-                lambda i: generate_scene(base + CODE_SCENE_OFFSET + code_scenes_done + i, varied_aspect=True),
+                functools.partial(_code_scene, base + CODE_SCENE_OFFSET + code_scenes_done),
                 steps=args.code_pretrain_steps or 10**9,  # minutes alone: the time limit ends it
-                seed=args.seed, lr=args.code_lr, log=log, progress=bar.update,
+                seed=args.seed, lr=args.code_lr, batch=args.code_batch, workers=args.code_workers,
+                log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
         code_summary = {**code_summary, "first_scene": code_scenes_done, "lr": args.code_lr}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
@@ -283,6 +293,13 @@ def _reinit(module) -> None:
             m.reset_parameters()
 
 
+def _code_scene(first: int, i: int):
+    """Scene ``first + i`` of the code stage (cropped as in training); a function, so workers can take it."""
+    from trimask.training.scenes import generate_scene
+
+    return generate_scene(first + i, varied_aspect=True)
+
+
 def _code_scenes_done(init: Path, record: dict) -> int:
     """How many code pre-training scenes the runs that made ``init`` (its checkpoint's ``record``) used,
     summed over the chain of ``init_record``s, so that training its codes on draws new scenes; an error
@@ -290,7 +307,8 @@ def _code_scenes_done(init: Path, record: dict) -> int:
     done, code_match = 0, False
     while record:
         code_match = code_match or bool(record.get("code_match_start"))
-        done += int((record.get("code_pretrain") or {}).get("steps", 0))
+        codes = record.get("code_pretrain") or {}
+        done += int(codes.get("scenes", codes.get("steps", 0)))  # runs before --code-batch: a scene a step
         record = record.get("init_record")
     if not code_match:
         raise TrimaskError(f"{init} was not made with --code-match-start, so it has no codes to train or match "

@@ -130,6 +130,28 @@ def prepare_encoder(encoder: torch.nn.Module) -> None:
         norm.bias.zero_()
 
 
+class _SceneInputs(torch.utils.data.Dataset):
+    """Scene ``i`` and the encoder's input for it, downscaled by ``factor`` as the encoder would (the tiny
+    encoder pools its 1024 input by 4 first): a worker then hands over a 256 px copy, not a 1024 one."""
+
+    def __init__(self, scenes: Callable[[int], Scene], count: int, factor: int) -> None:
+        self.scenes, self.count, self.factor = scenes, count, factor
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Scene]:
+        scene = self.scenes(i)
+        x = preprocess(scene.image)
+        if self.factor > 1:
+            x = F.avg_pool2d(x, self.factor)
+        return x[0], scene
+
+
+def _collate(items: list[tuple[torch.Tensor, Scene]]) -> tuple[torch.Tensor, list[Scene]]:
+    return torch.stack([x for x, _ in items]), [scene for _, scene in items]
+
+
 def pretrain_codes(
     encoder: torch.nn.Module,
     scenes: Callable[[int], Scene],
@@ -137,19 +159,30 @@ def pretrain_codes(
     steps: int,
     seed: int = 0,
     lr: float = 2e-3,
+    batch: int = 1,
+    workers: int = 0,
     max_seconds: float | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Train ``encoder`` (in place, on its device) on ``scenes(i)``, one scene per step.
+    """Train ``encoder`` (in place, on its device) on ``scenes(i)``, ``batch`` scenes per step (the mean of
+    their losses), made in order by ``workers`` processes (0: this one; ``scenes`` must then survive a
+    fork). The anchors are drawn here, in scene order, so the run does not depend on ``workers``.
 
     AdamW with 50 warm-up steps and cosine decay to 5 % over the steps (or over ``max_seconds`` when
-    given, whichever ends first). Returns steps done, seconds and the smoothed loss.
+    given, whichever ends first). Returns steps and scenes done, seconds and the smoothed loss.
     """
+    if batch < 1 or workers < 0:
+        raise ValueError("batch must be 1 or more and workers 0 or more")
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
     params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
+    factor = getattr(encoder, "img_size", 1) // getattr(encoder, "work_size", getattr(encoder, "img_size", 1))
+    loader = torch.utils.data.DataLoader(
+        _SceneInputs(scenes, steps * batch, factor), batch_size=batch, collate_fn=_collate,
+        num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    batches = iter(loader)
     encoder.train()
     start = time.time()
     ema = None
@@ -163,14 +196,19 @@ def pretrain_codes(
         warm = min(1.0, (step + 1) / 50)
         for group in opt.param_groups:
             group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        scene = scenes(step)
-        embedding = encoder(preprocess(scene.image).to(device))
-        loss, stats = region_code_loss(embedding, scene, rng)
+        x, batch_scenes = next(batches)
+        embedding = encoder(x.to(device, non_blocking=True))
+        loss = embedding.sum() * 0.0
+        stats: dict[str, list[float]] = {}
+        for b, scene in enumerate(batch_scenes):
+            scene_loss, scene_stats = region_code_loss(embedding[b : b + 1], scene, rng)
+            loss = loss + scene_loss / len(batch_scenes)
+            for k, v in scene_stats.items():
+                stats.setdefault(k, []).append(v)
         opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
         value = float(loss.detach())
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         done = step + 1
@@ -178,6 +216,7 @@ def pretrain_codes(
             progress(1)
         if step % 20 == 0:
             log(f"codes step {step} t={time.time() - start:.0f}s loss={ema:.3f} "
-                + " ".join(f"{k}={v:.1f}" for k, v in stats.items()))
+                + " ".join(f"{k}={np.mean(v):.1f}" for k, v in stats.items()))
+    del batches  # stops the workers
     encoder.eval()
-    return {"steps": done, "seconds": time.time() - start, "loss": ema}
+    return {"steps": done, "scenes": done * batch, "batch": batch, "seconds": time.time() - start, "loss": ema}
