@@ -21,6 +21,14 @@ from torch import nn
 from trimask.models.common import LayerNorm2d
 
 
+def to_work_size(x: torch.Tensor, work_size: int) -> torch.Tensor:
+    """The encoder's ``B x 3 x work_size x work_size`` copy of a square input (an area downscale, which
+    keeps padded zeros zero); an input already that size is returned as it is."""
+    if x.shape[-1] == work_size:
+        return x
+    return F.avg_pool2d(x, x.shape[-1] // work_size)
+
+
 class _ConvBNAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1, groups: int = 1, dilation: int = 1) -> None:
         pad = dilation * (kernel - 1) // 2
@@ -94,10 +102,7 @@ class TinyImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``B x 3 x img_size x img_size`` normalized and zero-padded -> ``B x 256 x 64 x 64``."""
-        factor = self.img_size // self.work_size
-        if x.shape[-1] != self.work_size:
-            x = F.avg_pool2d(x, factor)  # area downscale; keeps padded zeros zero
-        return self.forward_work(x)
+        return self.forward_work(to_work_size(x, self.work_size))
 
     def forward_work(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``B x 3 x work_size x work_size`` (already downscaled) -> ``B x 256 x 64 x 64``."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trimask.models.tiny_encoder import to_work_size
 from trimask.preprocess import preprocess
 from trimask.training.decoder_start import CODE, CODE_CHANNELS, OBJ, OBJECT_VALUE
 from trimask.training.scenes import Scene
@@ -131,11 +132,11 @@ def prepare_encoder(encoder: torch.nn.Module) -> None:
 
 
 class _SceneInputs(torch.utils.data.Dataset):
-    """Scene ``i`` and the encoder's input for it, downscaled by ``factor`` as the encoder would (the tiny
-    encoder pools its 1024 input by 4 first): a worker then hands over a 256 px copy, not a 1024 one."""
+    """Scene ``i`` and the encoder's input for it, at the encoder's ``work_size`` when it has one (the
+    tiny encoder looks at a 256 px copy of its 1024 input): a worker then hands over the small copy."""
 
-    def __init__(self, scenes: Callable[[int], Scene], count: int, factor: int) -> None:
-        self.scenes, self.count, self.factor = scenes, count, factor
+    def __init__(self, scenes: Callable[[int], Scene], count: int, work_size: int | None) -> None:
+        self.scenes, self.count, self.work_size = scenes, count, work_size
 
     def __len__(self) -> int:
         return self.count
@@ -143,8 +144,8 @@ class _SceneInputs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Scene]:
         scene = self.scenes(i)
         x = preprocess(scene.image)
-        if self.factor > 1:
-            x = F.avg_pool2d(x, self.factor)
+        if self.work_size:
+            x = to_work_size(x, self.work_size)
         return x[0], scene
 
 
@@ -178,9 +179,8 @@ def pretrain_codes(
     device = next(encoder.parameters()).device
     params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
-    factor = getattr(encoder, "img_size", 1) // getattr(encoder, "work_size", getattr(encoder, "img_size", 1))
     loader = torch.utils.data.DataLoader(
-        _SceneInputs(scenes, steps * batch, factor), batch_size=batch, collate_fn=_collate,
+        _SceneInputs(scenes, steps * batch, getattr(encoder, "work_size", None)), batch_size=batch, collate_fn=_collate,
         num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
     batches = iter(loader)
     encoder.train()
@@ -198,13 +198,13 @@ def pretrain_codes(
             group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x, batch_scenes = next(batches)
         embedding = encoder(x.to(device, non_blocking=True))
-        loss = embedding.sum() * 0.0
-        stats: dict[str, list[float]] = {}
+        losses, stats = [], {}
         for b, scene in enumerate(batch_scenes):
             scene_loss, scene_stats = region_code_loss(embedding[b : b + 1], scene, rng)
-            loss = loss + scene_loss / len(batch_scenes)
+            losses.append(scene_loss)
             for k, v in scene_stats.items():
                 stats.setdefault(k, []).append(v)
+        loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
