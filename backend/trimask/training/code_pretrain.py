@@ -97,7 +97,7 @@ def _anchor_terms(dots: torch.Tensor, region: np.ndarray, parent: np.ndarray | N
     """
     ids, inverse, counts = np.unique(region, return_inverse=True, return_counts=True)
     onehot = F.one_hot(torch.from_numpy(inverse), len(ids)).to(dots)  # cells x regions
-    own = torch.from_numpy(inverse[pick])[:, None]
+    own = torch.from_numpy(inverse[pick])[:, None].to(dots.device)
     logits = (dots - MATCH) / MATCH_WIDTH
     soft = F.softplus(logits)
     soft_own = (soft @ onehot).gather(1, own)[:, 0]
@@ -109,7 +109,7 @@ def _anchor_terms(dots: torch.Tensor, region: np.ndarray, parent: np.ndarray | N
     if parent is not None:
         p_ids, p_inverse, p_counts = np.unique(parent, return_inverse=True, return_counts=True)
         p_onehot = F.one_hot(torch.from_numpy(p_inverse), len(p_ids)).to(dots)
-        soft_parent = (soft @ p_onehot).gather(1, torch.from_numpy(p_inverse[pick])[:, None])[:, 0]
+        soft_parent = (soft @ p_onehot).gather(1, torch.from_numpy(p_inverse[pick])[:, None].to(dots.device))[:, 0]
         n_near = torch.from_numpy(p_counts[p_inverse[pick]]).to(dots) - n_pos
         per_anchor = per_anchor + (soft_parent - soft_own) / n_near.clamp(min=1)
     d = dots.detach()
