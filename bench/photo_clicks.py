@@ -1,0 +1,81 @@
+"""What the tiny model answers to clicks on the bundled sample photos (no ground truth there).
+
+The generated scenes have masks to score against (``trimask eval``); the photos that
+``trimask samples`` writes (scikit-image's) do not, so this counts what an annotator
+would meet: on each photo, 25 clicks on a 5 x 5 grid (10 % to 90 % of each side), the
+three candidates decoded in PyTorch and upsampled to the image as SAM does. Reported per
+checkpoint: clicks whose three candidates are all empty, clicks whose preselected
+candidate (the IoU head's first) is empty, clicks that the preselected candidate
+contains, and its median size as a share of the image.
+
+    .venv/bin/python bench/photo_clicks.py [--checkpoint FILE ...] [--threads 2]
+
+Without ``--checkpoint``, the bundled tiny weights. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from trimask.commands.samples import SKIMAGE_PHOTOS
+from trimask.models.build import build_sam
+from trimask.preprocess import preprocess
+from trimask.training.evaluate import postprocess
+from trimask.training.trainer import decode, to_frame
+
+GRID = np.linspace(0.1, 0.9, 5)
+
+
+def photos() -> list[tuple[str, np.ndarray]]:
+    import skimage.data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        image = np.asarray(getattr(skimage.data, name)())
+        out.append((name, image[..., :3]))
+    return out
+
+
+@torch.no_grad()
+def count(sam, images: list[tuple[str, np.ndarray]]) -> dict[str, float]:
+    all_empty = top_empty = contains = 0
+    sizes = []
+    for _, image in images:
+        hw = image.shape[:2]
+        embedding = sam.image_encoder(preprocess(image))
+        for fy in GRID:
+            for fx in GRID:
+                x, y = fx * (hw[1] - 1), fy * (hw[0] - 1)
+                point = torch.tensor(to_frame(np.array([[x, y]]), hw)[None], dtype=torch.float32)
+                logits, iou = decode(sam, embedding, point, torch.ones(1, 1), None, None, True)
+                masks = postprocess(logits, hw)[0].numpy()
+                areas = masks.reshape(3, -1).sum(1)
+                top = int(iou[0].argmax())
+                all_empty += int((areas == 0).all())
+                top_empty += int(areas[top] == 0)
+                contains += int(masks[top, int(round(y)), int(round(x))])
+                sizes.append(areas[top] / masks[0].size)
+    return {"clicks": len(sizes), "all_empty": all_empty, "top_empty": top_empty, "contains": contains,
+            "median_size": float(np.median(sizes))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", action="append", default=None, help="tiny weights (repeat to compare)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    images = photos()
+    print("| tiny weights | clicks | all three empty | preselected empty | preselected contains the click "
+          "| preselected median size |")
+    print("| --- | --: | --: | --: | --: | --: |")
+    for ckpt in args.checkpoint or [None]:
+        c = count(build_sam("tiny", ckpt).eval(), images)
+        print(f"| {ckpt or 'bundled'} | {c['clicks']} | {c['all_empty']} | {c['top_empty']} | {c['contains']} "
+              f"| {100 * c['median_size']:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
