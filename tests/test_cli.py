@@ -239,8 +239,9 @@ def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Pa
 
     bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
     done, record = 0, bundled_extra
-    while record:  # the code scenes every run behind the bundled weights used
-        done += (record.get("code_pretrain") or {}).get("steps", 0)
+    while record:  # the code scenes every run behind the bundled weights used (a scene a step before batches)
+        stage = record.get("code_pretrain") or {}
+        done += stage.get("scenes", stage.get("steps", 0))
         record = record.get("init_record")
     assert done > 1000
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
