@@ -28,35 +28,31 @@ from trimask.training.trainer import decode, to_frame
 GRID = np.linspace(0.1, 0.9, 5)
 
 
-def photos() -> list[tuple[str, np.ndarray]]:
+def photos() -> list[np.ndarray]:
     import skimage.data
 
-    out = []
-    for name in SKIMAGE_PHOTOS:
-        image = np.asarray(getattr(skimage.data, name)())
-        out.append((name, image[..., :3]))
-    return out
+    return [np.asarray(getattr(skimage.data, name)())[..., :3] for name in SKIMAGE_PHOTOS]
 
 
 @torch.no_grad()
-def count(sam, images: list[tuple[str, np.ndarray]]) -> dict[str, float]:
+def count(sam, images: list[np.ndarray]) -> dict[str, float]:
+    """The grid's clicks on each image, decoded together (one prompt each)."""
     all_empty = top_empty = contains = 0
     sizes = []
-    for _, image in images:
+    for image in images:
         hw = image.shape[:2]
         embedding = sam.image_encoder(preprocess(image))
-        for fy in GRID:
-            for fx in GRID:
-                x, y = fx * (hw[1] - 1), fy * (hw[0] - 1)
-                point = torch.tensor(to_frame(np.array([[x, y]]), hw)[None], dtype=torch.float32)
-                logits, iou = decode(sam, embedding, point, torch.ones(1, 1), None, None, True)
-                masks = postprocess(logits, hw)[0].numpy()
-                areas = masks.reshape(3, -1).sum(1)
-                top = int(iou[0].argmax())
-                all_empty += int((areas == 0).all())
-                top_empty += int(areas[top] == 0)
-                contains += int(masks[top, int(round(y)), int(round(x))])
-                sizes.append(areas[top] / masks[0].size)
+        clicks = [(fx * (hw[1] - 1), fy * (hw[0] - 1)) for fy in GRID for fx in GRID]
+        points = torch.tensor(np.stack([to_frame(np.array([c]), hw) for c in clicks]), dtype=torch.float32)
+        logits, iou = decode(sam, embedding, points, torch.ones(len(clicks), 1), None, None, True)
+        masks = postprocess(logits, hw).numpy()  # clicks x 3 x H x W
+        areas = masks.reshape(len(clicks), 3, -1).sum(2)
+        top = iou.argmax(1).numpy()
+        for n, (x, y) in enumerate(clicks):
+            all_empty += int((areas[n] == 0).all())
+            top_empty += int(areas[n, top[n]] == 0)
+            contains += int(masks[n, top[n], int(round(y)), int(round(x))])
+            sizes.append(areas[n, top[n]] / masks[n, 0].size)
     return {"clicks": len(sizes), "all_empty": all_empty, "top_empty": top_empty, "contains": contains,
             "median_size": float(np.median(sizes))}
 
