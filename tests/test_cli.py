@@ -148,7 +148,10 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--mark-strengths"], "--init"),
                                          (["--code-match-start", "--code-lr", "0"], "--code-lr"),
                                          (["--code-match-start", "--code-batch", "0"], "--code-batch"),
-                                         (["--code-match-start", "--code-workers", "-1"], "--code-workers")])
+                                         (["--code-match-start", "--code-workers", "-1"], "--code-workers"),
+                                         (["--pattern-minutes", "1"], "--code-match-start"),
+                                         (["--code-match-start", "--pattern-minutes", "-1"], "--pattern-minutes"),
+                                         (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -187,6 +190,43 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     assert "match thresholds" in log.read_text()
     lines = log.read_text().splitlines()
     assert json.loads(lines[-2])["steps"] == 1 and lines[-1].startswith("iou head fitted: ")
+
+
+def test_train_tiny_adds_a_pattern_head_to_given_weights_and_keeps_the_rest(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.preprocess import preprocess
+    from trimask.training.decoder_start import PATTERN
+    from trimask.training.scenes import generate_scene
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    if "pattern_offset" in (bundled_extra.get("encoder_kwargs") or {}):  # start from weights without a head
+        bundled = {k: v for k, v in bundled.items() if not k.startswith("image_encoder.pattern.")}
+        torch.save({"model": bundled, "encoder_kwargs": {}, "init_record": bundled_extra.get("init_record")},
+                   tmp_path / "start.pt")
+        start = tmp_path / "start.pt"
+    else:
+        start = BUNDLED_TINY_CHECKPOINT
+    log = tmp_path / "run.log"
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(start), "--steps", "0", "--pattern-minutes", "0.1",
+                              "--pattern-batch", "2", "--threads", "1", "--out", str(tmp_path / "p.pt"),
+                              "--log", str(log)], capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "p.pt")
+    assert extra["encoder_kwargs"]["pattern_offset"] == PATTERN[0][0]
+    assert extra["pattern_pretrain"]["steps"] >= 1 and "patterns step 0" in log.read_text()
+    head = [k for k in state if k.startswith("image_encoder.pattern.")]
+    assert head and set(state) - set(head) == set(bundled)
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled if k.startswith("image_encoder."))  # codes kept
+    sam = build_sam("tiny", tmp_path / "p.pt")
+    assert sam.image_encoder.pattern is not None
+    with torch.no_grad():
+        emb = sam.image_encoder(preprocess(generate_scene(3).image))
+    patterns = emb[0, PATTERN[0][0] : PATTERN[2][-1] + 1]
+    assert float(patterns.min()) >= 0.0 and float(patterns.max()) < 1.0  # (0 until the head is sure)
+    # The decoder reads them: its first upscaling conv takes each pattern channel (pattern_gates).
+    up1 = sam.mask_decoder.output_upscaling[0].weight
+    assert all(float(up1[c].abs().sum()) > 0 for level in PATTERN for c in level)
 
 
 def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp_path: Path):
@@ -277,8 +317,9 @@ def test_train_tiny_refuses_codes_for_weights_without_the_code_match_layout(tmp_
 
     from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
 
-    state, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
-    torch.save({"model": state, "encoder_kwargs": {}, "code_match_start": False}, tmp_path / "plain.pt")
+    state, extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    torch.save({"model": state, "encoder_kwargs": extra.get("encoder_kwargs") or {}, "code_match_start": False},
+               tmp_path / "plain.pt")
     line = _one_line_error(["train-tiny", "--steps", "0", "--init", str(tmp_path / "plain.pt"),
                             "--code-pretrain-steps", "2", "--out", str(tmp_path / "t.pt")])
     assert "--code-match-start" in line and "plain.pt" in line

@@ -13,6 +13,7 @@ DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt
 FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
+PATTERN_SCENE_OFFSET = 7_000_000  # the pattern head's scenes (--pattern-minutes)
 CALIBRATION_SCENE_OFFSET = 8_000_000  # scenes that choose the match thresholds (--calibrate-scenes)
 IOU_FIT_SCENE_OFFSET = 9_000_000  # scenes whose answers the IoU head is fitted on (--iou-fit-minutes)
 
@@ -66,8 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="scenes per step of the code pre-training (default 1; more on a GPU, which one scene "
                    "leaves idle)")
     p.add_argument("--code-workers", type=int, default=0,
-                   help="processes that make the code pre-training's scenes (default 0: the training process "
+                   help="processes that make the code pre-training's (and the pattern head's) scenes (default 0: the training process "
                    "itself; on a GPU, about the CPU cores less one)")
+    p.add_argument("--pattern-minutes", type=float, default=0.0,
+                   help="with --code-match-start (or --init weights made with it): after code pre-training, train the "
+                   "encoder's pattern head (which of a cell's 4 x 4 pixels lie outside its region, so masks follow edges "
+                   "inside a cell) for this many minutes, the rest of the encoder frozen (default 0: none)")
+    p.add_argument("--pattern-batch", type=int, default=4, help="scenes per step of the pattern head (default 4)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
@@ -154,7 +160,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     from trimask.models.build import build_sam, build_sam_and_extra
     from trimask.training.code_pretrain import prepare_encoder, pretrain_codes
-    from trimask.training.decoder_start import code_match_start
+    from trimask.training.decoder_start import code_match_start, pattern_gates
     from trimask.training.scenes import TRAIN_SEED_STRIDE, generate_scene
     from trimask.training.trainer import TrainConfig, save_checkpoint, scene_to_sample, similarity_init, train
 
@@ -187,10 +193,13 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
     if args.calibrate_scenes < 0:
         raise TrimaskError("--calibrate-scenes must be 0 or more.")
-    code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes)
+    if args.pattern_minutes < 0 or args.pattern_batch < 1:
+        raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
+    code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
+                       or args.pattern_minutes)
     if code_stages and not args.code_match_start and args.init is None:
-        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes and --calibrate-scenes work on the "
-                           "code-match layout; pass --code-match-start, or --init weights made with it.")
+        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes and --calibrate-scenes "
+                           "work on the code-match layout; pass --code-match-start, or --init weights made with it.")
     _threads(args.threads)
     import torch
 
@@ -206,8 +215,12 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         encoder_kwargs = init_extra.get("encoder_kwargs") or {}
         if code_stages:
             code_scenes_done = _code_scenes_done(args.init, init_extra)
+        if args.pattern_minutes and "pattern_offset" not in encoder_kwargs:
+            sam, encoder_kwargs = _with_pattern_head(sam, encoder_kwargs)
     else:
         sam = build_sam("tiny", random_init=True)
+        if args.pattern_minutes:
+            sam, encoder_kwargs = _with_pattern_head(sam, encoder_kwargs)
         _reinit(sam)  # a fresh seeded init (build_sam's random init is fixed; the run seed decides this one)
     if args.mark_strengths:
         from trimask.training.decoder_start import mark_strengths
@@ -251,6 +264,17 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
         code_summary = {**code_summary, "first_scene": code_scenes_done, "lr": args.code_lr}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
+    pattern_summary = None
+    if args.pattern_minutes:
+        from trimask.training.pattern_pretrain import pretrain_patterns
+
+        pattern_gates(sam)  # weights made before the patterns lack the gates; a code-match start has them
+        with tqdm(desc="patterns", unit="step", file=sys.stderr) as bar:
+            pattern_summary = pretrain_patterns(
+                sam.image_encoder, functools.partial(_code_scene, base + PATTERN_SCENE_OFFSET),
+                steps=10**9, seed=args.seed, batch=args.pattern_batch, workers=args.code_workers,
+                max_seconds=args.pattern_minutes * 60, log=log, progress=bar.update)
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in pattern_summary.items()}))
     calibration = None
     if args.calibrate_scenes:
         from trimask.training.match_calibration import calibrate_match
@@ -269,6 +293,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
              "mark_strengths": args.mark_strengths,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
+             "pattern_pretrain": pattern_summary,
              "match_calibration": calibration}
     summary = None
     if cfg.steps:
@@ -291,6 +316,18 @@ def _reinit(module) -> None:
     for m in module.modules():
         if hasattr(m, "reset_parameters") and m is not module:
             m.reset_parameters()
+
+
+def _with_pattern_head(sam, encoder_kwargs: dict):
+    """``sam`` rebuilt with a (fresh) pattern head on its encoder, every other weight kept."""
+    from trimask.models.build import construct_sam
+    from trimask.training.decoder_start import PATTERN
+
+    kwargs = {**encoder_kwargs, "pattern_offset": PATTERN[0][0]}
+    rebuilt = construct_sam("tiny", encoder_kwargs=kwargs)
+    missing, unexpected = rebuilt.load_state_dict(sam.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("image_encoder.pattern.") for k in missing)
+    return rebuilt, kwargs
 
 
 def _code_scene(first: int, i: int):

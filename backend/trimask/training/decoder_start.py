@@ -21,6 +21,10 @@ fixed channels of the embedding:
   encoder's objectness channel ``OBJ``) in ``BOXMARK``;
 - the mask input (the previous answer) is carried, as its sign per cell, in ``PREV``; signed marks
   reach the 4x grid as (x, -x) pairs, since GELU(x) - GELU(-x) = x;
+- sub-cell edges: an encoder with a pattern head also writes, per cell and level, which of the cell's
+  4 x 4 pixels of the 256 x 256 grid lie outside the cell's own region (``PATTERN``); the upscaling's
+  two transposed convolutions place each pixel's value at its position and switch the level's mark
+  off there (``pattern_gates``), so a mask can follow an edge inside a cell;
 - token 0, the single-mask output, reads the previous answer plus the clicks' regions (so a positive
   click adds its part, a negative one removes its subpart) plus the box mark;
 - the final attention gives the tokens each mark's mean over the image (``AREA``), and the IoU token
@@ -98,6 +102,17 @@ UNIT_MARK, UNIT_BOX, UNIT_PREV, UNIT_CONST = 2.1, 1.84, 0.65, 0.84
 # input and its twin (7, 8), the constant (31).
 UP_NEGATIVE = (4, 5, 6)
 UP_BOX, UP_PREV, UP_CONSTANT = 3, (7, 8), 31
+# Sub-cell patterns: channels PATTERN[l] (16 each, 160..207) say, for each of a cell's 4 x 4 pixels of
+# the 4x grid (row by row), whether it lies outside the cell's own level-l region (up to 1) or not
+# (0). The first upscaling conv places each pixel's value at its 2 x 2 position (channels
+# UP_PATTERN.., with twins), the second subtracts it from the level's mark at its own position, so an
+# outside pixel takes no mark; the whole's pattern also gates the mask input (not the box mark: gated,
+# boxes around wholes lost 0.02 IoU to the learned patterns' false "outside"s). An encoder that writes
+# nothing there (0) gets the cell's mark on all 16 pixels, as before.
+PATTERN = tuple(tuple(range(160 + 16 * lv, 176 + 16 * lv)) for lv in range(3))
+UP_PATTERN = 9  # 9..32: per level 4 sub-positions and their negative twins
+PATTERN_UP_GAIN, PATTERN_GATE = 3.0, 40.0
+SUBPIXELS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def _one_hot(channel: int, value: float, dim: int = 256) -> torch.Tensor:
@@ -186,6 +201,7 @@ def code_match_start(sam: Sam) -> None:
     up2.weight[UP_BOX, UP_BOX] = 1.0
     up1.bias[63] = UP_CONST
     up2.bias[UP_CONSTANT] = 1.0
+    pattern_gates(sam)
     # Hypernetworks: constant readers (1: subpart; 2: part; 3: whole; 0: see SINGLE_READ).
     for k, mlp in enumerate(dec.output_hypernetworks_mlps):
         out = mlp.layers[-1]
@@ -236,6 +252,32 @@ def _signed(up1: torch.nn.Module, up2: torch.nn.Module, source: int, pos: int, n
     up1.weight[source, neg] = -UP_MARK
     up2.weight[pos, pos] = up2.weight[neg, neg] = 1.0
     up2.weight[pos, neg] = up2.weight[neg, pos] = -1.0
+
+
+@torch.no_grad()
+def pattern_gates(sam: Sam) -> None:
+    """Each level's pattern (``PATTERN``) switches its mark off at the pixels outside the cell's own region;
+    the whole's also the mask input (see ``PATTERN``). Changes nothing for an encoder that leaves the
+    pattern channels at 0; sets the gates afresh on weights that have them."""
+    up1, _, _, up2, _ = sam.mask_decoder.output_upscaling
+    for level in PATTERN:
+        up1.weight[list(level)] = 0.0
+    up1.weight[ZREF] = 0.0
+    up2.weight[UP_PATTERN : UP_PATTERN + 24] = 0.0
+    for lv in range(3):
+        gated = [lv, UP_NEGATIVE[lv]] + (list(UP_PREV) if lv == 2 else [])
+        for k, (a2, b2) in enumerate(SUBPIXELS):
+            pos = UP_PATTERN + 8 * lv + k
+            neg = pos + 4
+            for a1, b1 in SUBPIXELS:
+                src = PATTERN[lv][(2 * a1 + a2) * 4 + 2 * b1 + b2]
+                # minus ZREF (0 before the transformer's norms): the norms shift every channel alike
+                for ch, sign in ((src, 1.0), (ZREF, -1.0)):
+                    up1.weight[ch, pos, a1, b1] = sign * PATTERN_UP_GAIN
+                    up1.weight[ch, neg, a1, b1] = -sign * PATTERN_UP_GAIN
+            for out in gated:
+                up2.weight[pos, out, a2, b2] = -PATTERN_GATE
+                up2.weight[neg, out, a2, b2] = PATTERN_GATE
 
 
 def _box_half_planes(i2t: torch.nn.Module) -> None:
