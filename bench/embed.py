@@ -12,7 +12,7 @@ same photo, and run in this process under the same thread settings:
 Runs alternate between the two (so a busy machine slows both alike); the
 table gives the median of ``--runs`` timed runs after one warm-up, the ratio
 trimask / official (below 1: trimask is faster) and the relative L2
-difference of the embeddings. ``tiny`` has no official counterpart. On CUDA
+difference of the embeddings. ``tiny`` (its bundled weights) has no official counterpart. On CUDA
 a ``batched`` column gives trimask's per-image time with ``embed_batch``.
 
     .venv/bin/python bench/embed.py [--models tiny,vit_t,vit_b] [--vit-l] [--vit-h]
@@ -82,7 +82,8 @@ def bench_model(model_type: str, image: np.ndarray, args: argparse.Namespace, wo
     device = resolve_device(args.device)
     reference = None
     if model_type == "tiny":
-        embedder = Embedder("tiny", device=device, random_init=True, num_threads=args.threads)
+        # The bundled weights: their checkpoint says the encoder's layout (e.g. its pattern head).
+        embedder = Embedder("tiny", device=device, num_threads=args.threads)
     else:
         if model_type == "vit_t" and not checkpoint_factory.mobile_sam_available():
             print("note: MobileSAM (pip: mobilesam-mirror) not installed; vit_t has no reference", file=sys.stderr)
