@@ -153,6 +153,44 @@ def collate(items: list[tuple[torch.Tensor, Scene]]) -> tuple[torch.Tensor, list
     return torch.stack([x for x, _ in items]), [scene for _, scene in items]
 
 
+def scheduled_batches(opt: torch.optim.Optimizer, lr: float, scenes: Callable[[int], Scene], encoder: torch.nn.Module,
+                      *, steps: int, batch: int, workers: int, max_seconds: float | None):
+    """The steps of a pre-training stage: yields (step, input batch on the encoder's device, scenes), ``batch``
+    scenes a step made in order by ``workers`` processes (0: this one), with ``opt``'s rate set for the
+    step: 50 warm-up steps, then cosine decay to 5 % of ``lr`` over the steps or over ``max_seconds``
+    when given, whichever ends first."""
+    device = next(encoder.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        SceneInputs(scenes, steps * batch, getattr(encoder, "work_size", None)), batch_size=batch, collate_fn=collate,
+        num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    start = time.time()
+    try:
+        for step in range(steps):
+            frac = step / steps
+            if max_seconds is not None:
+                frac = max(frac, (time.time() - start) / max_seconds)
+            if frac >= 1.0:
+                return
+            warm = min(1.0, (step + 1) / 50)
+            for group in opt.param_groups:
+                group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            x, batch_scenes = next(batches)
+            yield step, x.to(device, non_blocking=True), batch_scenes
+    finally:
+        del batches  # stops the workers
+
+
+def clipped_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, ema: float | None) -> float:
+    """One optimizer step on ``loss`` (gradient norm clipped at 1); returns the loss's moving average (0.95)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    value = float(loss.detach())
+    return value if ema is None else 0.95 * ema + 0.05 * value
+
+
 def pretrain_codes(
     encoder: torch.nn.Module,
     scenes: Callable[[int], Scene],
@@ -176,47 +214,27 @@ def pretrain_codes(
     if batch < 1 or workers < 0:
         raise ValueError("batch must be 1 or more and workers 0 or more")
     rng = np.random.default_rng(seed)
-    device = next(encoder.parameters()).device
     params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
-    loader = torch.utils.data.DataLoader(
-        SceneInputs(scenes, steps * batch, getattr(encoder, "work_size", None)), batch_size=batch, collate_fn=collate,
-        num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    batches = iter(loader)
     encoder.train()
     start = time.time()
     ema = None
     done = 0
-    for step in range(steps):
-        frac = step / steps
-        if max_seconds is not None:
-            frac = max(frac, (time.time() - start) / max_seconds)
-        if frac >= 1.0:
-            break
-        warm = min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x, batch_scenes = next(batches)
-        embedding = encoder(x.to(device, non_blocking=True))
+    for step, x, batch_scenes in scheduled_batches(opt, lr, scenes, encoder, steps=steps, batch=batch, workers=workers,
+                                                   max_seconds=max_seconds):
+        embedding = encoder(x)
         losses, stats = [], {}
         for b, scene in enumerate(batch_scenes):
             scene_loss, scene_stats = region_code_loss(embedding[b : b + 1], scene, rng)
             losses.append(scene_loss)
             for k, v in scene_stats.items():
                 stats.setdefault(k, []).append(v)
-        loss = torch.stack(losses).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        ema = clipped_step(opt, params, torch.stack(losses).mean(), ema)
         done = step + 1
         if progress:
             progress(1)
         if step % 20 == 0:
             log(f"codes step {step} t={time.time() - start:.0f}s loss={ema:.3f} "
                 + " ".join(f"{k}={np.mean(v):.1f}" for k, v in stats.items()))
-    del batches  # stops the workers
     encoder.eval()
     return {"steps": done, "scenes": done * batch, "batch": batch, "seconds": time.time() - start, "loss": ema}

@@ -13,7 +13,6 @@ hold one weigh half each (most cells hold one, and those are easy). A calibrated
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trimask.training.code_pretrain import GRID, SceneInputs, collate
+from trimask.training.code_pretrain import GRID, clipped_step, scheduled_batches
 from trimask.training.scenes import Scene
 
 SUB = 4  # pixels of the decoder's 256 x 256 grid along a cell's side
@@ -91,39 +90,19 @@ def pretrain_patterns(
     if batch < 1 or workers < 0:
         raise ValueError("batch must be 1 or more and workers 0 or more")
     torch.manual_seed(seed)
-    device = next(encoder.parameters()).device
     head = encoder.pattern
     params = list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
-    loader = torch.utils.data.DataLoader(
-        SceneInputs(scenes, steps * batch, encoder.work_size), batch_size=batch, collate_fn=collate,
-        num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    batches = iter(loader)
     encoder.eval()
     head.train()
     start, ema, done, accuracy = time.time(), None, 0, [0.0, 0.0, 0.0]
-    for step in range(steps):
-        frac = step / steps
-        if max_seconds is not None:
-            frac = max(frac, (time.time() - start) / max_seconds)
-        if frac >= 1.0:
-            break
-        warm = min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x, batch_scenes = next(batches)
-        x = x.to(device, non_blocking=True)
-        targets = torch.from_numpy(np.stack([pattern_targets(s) for s in batch_scenes])).to(device)
+    for step, x, batch_scenes in scheduled_batches(opt, lr, scenes, encoder, steps=steps, batch=batch, workers=workers,
+                                                   max_seconds=max_seconds):
+        targets = torch.from_numpy(np.stack([pattern_targets(s) for s in batch_scenes])).to(x.device)
         with torch.no_grad():
             features = encoder.trunk(x)
         logits = head(x, features)
-        loss = pattern_loss(logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        ema = clipped_step(opt, params, pattern_loss(logits, targets), ema)
         done = step + 1
         if progress:
             progress(1)
@@ -131,7 +110,6 @@ def pretrain_patterns(
             accuracy = pattern_accuracy(logits.detach(), targets)
             log(f"patterns step {step} t={time.time() - start:.0f}s loss={ema:.3f} mixed-cell accuracy "
                 + " / ".join(f"{a:.3f}" for a in accuracy))
-    del batches
     head.eval()
     return {"steps": done, "scenes": done * batch, "batch": batch, "seconds": time.time() - start, "loss": ema,
             "mixed_cell_accuracy": accuracy}
