@@ -131,7 +131,7 @@ def prepare_encoder(encoder: torch.nn.Module) -> None:
         norm.bias.zero_()
 
 
-class SceneInputs(torch.utils.data.Dataset):
+class _SceneInputs(torch.utils.data.Dataset):
     """Scene ``i`` and the encoder's input for it, at the encoder's ``work_size`` when it has one (the
     tiny encoder looks at a 256 px copy of its 1024 input): a worker then hands over the small copy."""
 
@@ -149,7 +149,7 @@ class SceneInputs(torch.utils.data.Dataset):
         return x[0], scene
 
 
-def collate(items: list[tuple[torch.Tensor, Scene]]) -> tuple[torch.Tensor, list[Scene]]:
+def _collate(items: list[tuple[torch.Tensor, Scene]]) -> tuple[torch.Tensor, list[Scene]]:
     return torch.stack([x for x, _ in items]), [scene for _, scene in items]
 
 
@@ -161,7 +161,7 @@ def scheduled_batches(opt: torch.optim.Optimizer, lr: float, scenes: Callable[[i
     when given, whichever ends first."""
     device = next(encoder.parameters()).device
     loader = torch.utils.data.DataLoader(
-        SceneInputs(scenes, steps * batch, getattr(encoder, "work_size", None)), batch_size=batch, collate_fn=collate,
+        _SceneInputs(scenes, steps * batch, getattr(encoder, "work_size", None)), batch_size=batch, collate_fn=_collate,
         num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
     batches = iter(loader)
     start = time.time()
