@@ -143,6 +143,8 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--freeze-encoder", "--code-loss-weight", "1"], "--freeze-encoder"),
                                          (["--calibrate-scenes", "3"], "--code-match-start"),
                                          (["--code-match-start", "--calibrate-scenes", "-1"], "--calibrate-scenes"),
+                                         (["--calibrate-reads", "2"], "--code-match-start"),
+                                         (["--code-match-start", "--calibrate-reads", "-1"], "--calibrate-reads"),
                                          (["--steps", "-1"], "--steps"),
                                          (["--iou-fit-minutes", "-1"], "--iou-fit-minutes"),
                                          (["--mark-strengths"], "--init"),
@@ -164,15 +166,15 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     import torch
 
     from trimask.models.build import build_sam, read_checkpoint
-    from trimask.training.decoder_start import FETCH_FREQUENCIES, match_gains
+    from trimask.training.decoder_start import FETCH_FREQUENCIES, match_gains, single_read
 
     log = tmp_path / "run.log"
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "1", "--coarse-fraction", "1",
                               "--level-curriculum", "0", "0", "--threads", "1", "--code-match-start",
                               "--code-pretrain-steps", "3", "--code-batch", "2", "--code-workers", "1",
                               "--freeze-decoder", "--freeze-encoder",
-                              "--calibrate-scenes", "3", "--iou-fit-minutes", "0.02", "--out", str(tmp_path / "t.pt"),
-                              "--log", str(log)],
+                              "--calibrate-scenes", "3", "--calibrate-reads", "2", "--iou-fit-minutes", "0.02",
+                              "--out", str(tmp_path / "t.pt"), "--log", str(log)],
                    capture_output=True, text=True, check=True)
     _, extra = read_checkpoint(tmp_path / "t.pt")
     assert extra["code_match_start"] is True
@@ -188,6 +190,11 @@ def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):
     assert calibration["clicks"] >= 1
     assert match_gains(sam) == pytest.approx(tuple(calibration["gains"]), abs=2e-3)
     assert "match thresholds" in log.read_text()
+    # So are token 0's reads, chosen after them.
+    reads = extra["read_calibration"]
+    assert reads["targets"] >= 1 and reads["iou"]["mean"] >= reads["start_iou"]["mean"]
+    assert single_read(sam) == pytest.approx(reads["reads"], abs=2e-3)
+    assert "single-mask reads" in log.read_text()
     lines = log.read_text().splitlines()
     assert json.loads(lines[-2])["steps"] == 1 and lines[-1].startswith("iou head fitted: ")
 

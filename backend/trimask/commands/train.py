@@ -14,6 +14,7 @@ FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
 PATTERN_SCENE_OFFSET = 7_000_000  # the pattern head's scenes (--pattern-minutes)
+READ_CALIBRATION_SCENE_OFFSET = 6_000_000  # scenes that choose token 0's reads (--calibrate-reads)
 CALIBRATION_SCENE_OFFSET = 8_000_000  # scenes that choose the match thresholds (--calibrate-scenes)
 IOU_FIT_SCENE_OFFSET = 9_000_000  # scenes whose answers the IoU head is fitted on (--iou-fit-minutes)
 
@@ -78,6 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
                    "training scenes: the loosest one whose candidate fits that level within 0.01 of the best "
+                   "(default 0: keep the start's)")
+    p.add_argument("--calibrate-reads", type=int, default=0,
+                   help="with --code-match-start (or --init weights made with it): after the match thresholds, choose "
+                   "what the single-mask output reads (the previous answer, each level's clicked region, the box) "
+                   "on this many uncropped training scenes, by the standard click protocol and tight boxes "
                    "(default 0: keep the start's)")
     p.add_argument("--iou-fit-minutes", type=float, default=0.0,
                    help="last stage: answer simulated prompts on training scenes for this many minutes with the model "
@@ -191,15 +197,16 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-lr must be above 0.")
     if args.code_batch < 1 or args.code_workers < 0:
         raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
-    if args.calibrate_scenes < 0:
-        raise TrimaskError("--calibrate-scenes must be 0 or more.")
+    if args.calibrate_scenes < 0 or args.calibrate_reads < 0:
+        raise TrimaskError("--calibrate-scenes and --calibrate-reads must be 0 or more.")
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
-                       or args.pattern_minutes)
+                       or args.pattern_minutes or args.calibrate_reads)
     if code_stages and not args.code_match_start and args.init is None:
-        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes and --calibrate-scenes "
-                           "work on the code-match layout; pass --code-match-start, or --init weights made with it.")
+        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes, --calibrate-scenes and "
+                           "--calibrate-reads work on the code-match layout; pass --code-match-start, or --init weights "
+                           "made with it.")
     _threads(args.threads)
     import torch
 
@@ -288,13 +295,26 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             raise TrimaskError(f"--calibrate-scenes {args.calibrate_scenes}: {exc}; use more scenes.") from exc
         log(f"match thresholds (sink logits, subpart / part / whole): {calibration['gains']} "
             f"on {calibration['clicks']} clicks")
+    reads = None
+    if args.calibrate_reads:
+        from trimask.training.read_calibration import calibrate_reads
+
+        reads_base = base + READ_CALIBRATION_SCENE_OFFSET
+        try:
+            with tqdm(desc="reads (scenes, then settings)", file=sys.stderr) as bar:
+                reads = calibrate_reads(sam, (generate_scene(reads_base + i) for i in range(args.calibrate_reads)),
+                                        seed=args.seed, progress=bar.update)
+        except ValueError as exc:
+            raise TrimaskError(f"--calibrate-reads {args.calibrate_reads}: {exc}; use more scenes.") from exc
+        log(f"single-mask reads: {reads['reads']} (mean IoU {reads['start_iou']['mean']:.4f} -> "
+            f"{reads['iou']['mean']:.4f} on {reads['targets']} targets, {reads['settings']} settings)")
     extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
              "init": str(args.init) if args.init is not None else None,
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
              "mark_strengths": args.mark_strengths,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary,
-             "match_calibration": calibration}
+             "match_calibration": calibration, "read_calibration": reads}
     summary = None
     if cfg.steps:
         with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:

@@ -26,7 +26,9 @@ fixed channels of the embedding:
   two transposed convolutions place each pixel's value at its position and switch the level's mark
   off there (``pattern_gates``), so a mask can follow an edge inside a cell;
 - token 0, the single-mask output, reads the previous answer plus the clicks' regions (so a positive
-  click adds its part, a negative one removes its subpart) plus the box mark;
+  click adds its part, a negative one removes its subpart) plus the box mark, with the weights
+  ``SINGLE_READ`` (``set_single_read``; ``trimask.training.read_calibration`` chooses them for the codes
+  an encoder has learned);
 - the final attention gives the tokens each mark's mean over the image (``AREA``), and the IoU token
   each mark's strength and objectness over the candidate itself (``STRENGTH``), for the IoU head.
 
@@ -41,6 +43,7 @@ import math
 import torch
 
 from trimask.models.sam import Sam
+from trimask.training.scenes import LEVELS
 
 # Eight 2-D frequencies (in the prompt encoder's [-1, 1] coordinates) whose cosine kernel
 # sum_j cos(2 pi f_j . d) peaks at d = 0 with a margin of about 1.6 (out of 8) over every cell 1.5 or
@@ -94,7 +97,8 @@ BOX_SHARPNESS, BOX_PHASE = 290.0, 0.5  # half-plane logit ~4 per cell; the phase
 BOX_OBJECT_WEIGHT, BOX_THRESHOLD, BOX_AND_GAIN = 2.0, 5.3, 20.0  # 4 half-planes + 2 x objectness > 5.3
 # Token 0 reads, in units of a full mark at the 4x grid (measured on oracle codes: 2.1 for a mark,
 # 1.84 for the box mark, 0.65 for the mask input): logit = SINGLE_GAIN * (3 subpart + 3 part +
-# 1.5 whole + 2 box + 2 previous - 1).
+# 1.5 whole + 2 box + 2 previous - 1). The start's weights, set on oracle codes; for learned codes
+# ``trimask.training.read_calibration`` measures and sets them (``set_single_read``).
 SINGLE_READ = {"subpart": 3.0, "part": 3.0, "whole": 1.5, "box": 2.0, "prev": 2.0, "bias": 1.0}
 SINGLE_GAIN = 2.0
 UNIT_MARK, UNIT_BOX, UNIT_PREV, UNIT_CONST = 2.1, 1.84, 0.65, 0.84
@@ -102,6 +106,7 @@ UNIT_MARK, UNIT_BOX, UNIT_PREV, UNIT_CONST = 2.1, 1.84, 0.65, 0.84
 # input and its twin (7, 8), the constant (31).
 UP_NEGATIVE = (4, 5, 6)
 UP_BOX, UP_PREV, UP_CONSTANT = 3, (7, 8), 31
+SINGLE_READ_CHANNELS = (0, 1, 2, *UP_NEGATIVE, UP_BOX, *UP_PREV, UP_CONSTANT)  # all that token 0 reads
 # Sub-cell patterns: channels PATTERN[l] (16 each, 160..207) say, for each of a cell's 4 x 4 pixels of
 # the 4x grid (row by row), whether it lies outside the cell's own level-l region (up to 1) or not
 # (0). The first upscaling conv places each pixel's value at its 2 x 2 position (channels
@@ -209,14 +214,37 @@ def code_match_start(sam: Sam) -> None:
         if k:
             out.bias[k - 1] = READ_GAIN
             out.bias[UP_CONSTANT] = -READ_BIAS
-            continue
-        for lv, name in enumerate(("subpart", "part", "whole")):
-            out.bias[lv] = SINGLE_GAIN * SINGLE_READ[name] / UNIT_MARK
-            out.bias[UP_NEGATIVE[lv]] = -out.bias[lv]
-        out.bias[UP_BOX] = SINGLE_GAIN * SINGLE_READ["box"] / UNIT_BOX
-        out.bias[UP_PREV[0]] = SINGLE_GAIN * SINGLE_READ["prev"] / UNIT_PREV
-        out.bias[UP_PREV[1]] = -out.bias[UP_PREV[0]]
-        out.bias[UP_CONSTANT] = -SINGLE_GAIN * SINGLE_READ["bias"] / UNIT_CONST
+    set_single_read(sam, SINGLE_READ)
+
+
+def _single_reader(sam: Sam) -> torch.Tensor:
+    return sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias
+
+
+@torch.no_grad()
+def set_single_read(sam: Sam, reads: dict[str, float]) -> None:
+    """Set what token 0, the single-mask output, reads: ``reads`` has the weights of ``SINGLE_READ``'s
+    keys (the three levels' marks, the box mark and the previous answer, in units of a full mark, and
+    the bias subtracted), every one of them (``trimask.training.read_calibration`` chooses them)."""
+    if set(reads) != set(SINGLE_READ):
+        raise ValueError(f"token 0 reads exactly {sorted(SINGLE_READ)}")
+    out = _single_reader(sam)
+    for lv, name in enumerate(LEVELS):
+        out[lv] = SINGLE_GAIN * reads[name] / UNIT_MARK
+        out[UP_NEGATIVE[lv]] = -out[lv]
+    out[UP_BOX] = SINGLE_GAIN * reads["box"] / UNIT_BOX
+    out[UP_PREV[0]] = SINGLE_GAIN * reads["prev"] / UNIT_PREV
+    out[UP_PREV[1]] = -out[UP_PREV[0]]
+    out[UP_CONSTANT] = -SINGLE_GAIN * reads["bias"] / UNIT_CONST
+
+
+def single_read(sam: Sam) -> dict[str, float]:
+    """Token 0's read weights as ``set_single_read`` takes them."""
+    out = _single_reader(sam).detach()
+    reads = {name: float(out[lv]) * UNIT_MARK / SINGLE_GAIN for lv, name in enumerate(LEVELS)}
+    reads.update(box=float(out[UP_BOX]) * UNIT_BOX / SINGLE_GAIN, prev=float(out[UP_PREV[0]]) * UNIT_PREV / SINGLE_GAIN,
+                 bias=-float(out[UP_CONSTANT]) * UNIT_CONST / SINGLE_GAIN)
+    return {k: round(v, 4) for k, v in reads.items()}
 
 
 def _match_heads(sam: Sam) -> torch.Tensor:

@@ -101,37 +101,61 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
         res["area_ordered"].append(float(areas[0] <= areas[1] <= areas[2]))
     # Interactive protocol for every level of every instance.
     targets = [levels[lv] for levels in inst for lv in range(3)]
-    n_t = len(targets)
-    # A tight box around each target, alone (single-mask output).
+    for j, m in enumerate(box_answers(sam, emb, hw, targets, rng)):
+        res[f"box_{LEVELS[j % 3]}"].append(_iou(m, targets[j]))
+    for click, masks in enumerate(click_answers(sam, emb, hw, targets, first_answers(sam, emb, hw, targets)), 1):
+        if click in CLICK_COUNTS:
+            res[f"miou_{click}_clicks"].extend(_iou(m, t) for t, m in zip(targets, masks))
+    return res
+
+
+def box_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray],
+                rng: np.random.Generator) -> np.ndarray:
+    """A tight box around each target, alone: the single-mask answers (``N x H x W`` bool)."""
     boxes = torch.tensor(np.stack([to_frame(noisy_box(t, rng, noise=0.0).reshape(2, 2), hw).reshape(4) for t in targets]),
-                         dtype=torch.float32)
-    box_masks = postprocess(decode(sam, emb, None, None, boxes, None, False)[0], hw)[:, 0].numpy()
-    for j, (t, m) in enumerate(zip(targets, box_masks)):
-        res[f"box_{LEVELS[j % 3]}"].append(_iou(m, t))
+                         dtype=torch.float32, device=emb.device)
+    return postprocess(decode(sam, emb, None, None, boxes, None, False)[0].cpu(), hw)[:, 0].numpy()
+
+
+def first_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray]) -> torch.Tensor:
+    """The protocol's first click, at each target's centre: the logits of the candidate the IoU head
+    ranks first (``N x 1 x 256 x 256``)."""
+    pts = torch.tensor(np.stack([to_frame(np.array([_center(t)]), hw) for t in targets]),
+                       dtype=torch.float32, device=emb.device)
+    logits, iou_pred = decode(sam, emb, pts, torch.ones(len(targets), 1, device=emb.device), None, None, True)
+    return logits[torch.arange(len(targets)), iou_pred.argmax(1)][:, None]
+
+
+Answer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray], first: torch.Tensor,
+                  clicks: int = max(CLICK_COUNTS), answer: Answer | None = None) -> list[np.ndarray]:
+    """The standard protocol from the ``first`` answers (``first_answers``): each next click at the
+    centre of the largest error region, single-mask output with the previous logits as the mask input.
+    Returns the masks after each of ``clicks`` clicks (``N x H x W`` bool each; the first is ``first``'s).
+    ``answer(click, points, labels, previous logits)`` gives a click's logits in place of the decoder."""
+    if answer is None:
+        answer = lambda click, pt, lb, prev: decode(sam, emb, pt, lb, None, prev, False)[0]  # noqa: E731
     points: list[list[tuple[float, float]]] = [[_center(t)] for t in targets]
     labels: list[list[int]] = [[1] for _ in targets]
-    prev = None
-    for click in range(1, max(CLICK_COUNTS) + 1):
-        pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32)
-        lb = torch.tensor(labels, dtype=torch.float32)
-        if click == 1:
-            logits, iou_pred = decode(sam, emb, pt, lb, None, None, True)
-            top = iou_pred.argmax(1)
-            chosen = logits[torch.arange(n_t), top][:, None]
-        else:
-            chosen, _ = decode(sam, emb, pt, lb, None, prev, False)
-        prev = chosen
-        masks = postprocess(chosen, hw)[:, 0].numpy()
-        if click in CLICK_COUNTS:
-            for t, m in zip(targets, masks):
-                res[f"miou_{click}_clicks"].append(_iou(m, t))
+    prev, out = first, []
+    for click in range(1, clicks + 1):
+        if click > 1:
+            pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32, device=emb.device)
+            lb = torch.tensor(labels, dtype=torch.float32, device=emb.device)
+            prev = answer(click, pt, lb, prev)
+        masks = postprocess(prev.cpu(), hw)[:, 0].numpy()
+        out.append(masks)
+        if click == clicks:
+            break
         for i, (t, m) in enumerate(zip(targets, masks)):
             nxt = center_of_largest_error(m, t)
             if nxt is None:  # exact already: repeat the last click (keeps the batch rectangular)
                 nxt = (points[i][-1], labels[i][-1])
             points[i].append(nxt[0])
             labels[i].append(nxt[1])
-    return res
+    return out
 
 
 def _metric_names() -> list[str]:
