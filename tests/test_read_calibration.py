@@ -8,7 +8,8 @@ import torch
 from trimask.models.build import build_sam
 from trimask.preprocess import preprocess
 from trimask.training.decoder_start import SINGLE_READ, code_match_start, set_single_read, single_read
-from trimask.training.evaluate import _instances, _iou, box_answers, click_answers, first_answers, postprocess
+from trimask.training.evaluate import (_instances, _iou, box_answers, click_answers, clicked_scenes, first_answers,
+                                       postprocess)
 from trimask.training.read_calibration import MIN_GAIN, _token0, _upscaled, calibrate_reads
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode
@@ -78,13 +79,8 @@ def test_calibration_repairs_a_token0_that_ignores_the_clicks():
     assert max(t["mean"] for t in tried) <= result["iou"]["mean"] + MIN_GAIN + 1e-4
     rng = np.random.default_rng(0)
     ious = []
-    for scene in SCENES:
-        inst = _instances(scene, 2, rng)
-        if not inst:
-            continue
-        hw = scene.image.shape[:2]
+    for inst, hw, emb in clicked_scenes(sam, SCENES, rng):
         targets = [lv for i in inst for lv in i]
-        emb = sam.image_encoder(preprocess(scene.image))
         boxes = box_answers(sam, emb, hw, targets, rng)
         clicks = click_answers(sam, emb, hw, targets, first_answers(sam, emb, hw, targets))
         ious += [_iou(m, t) for masks in clicks[1:] for m, t in zip(masks, targets)]

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -74,6 +74,16 @@ def _instances(scene: Scene, limit: int, rng: np.random.Generator) -> list[tuple
         if len(out) >= limit:
             break
     return out
+
+
+def clicked_scenes(sam: Sam, scenes: Iterable[Scene], rng: np.random.Generator, limit: int = 2):
+    """Each of ``scenes`` that has a subpart to click, as ``trimask eval`` picks them: its up to ``limit``
+    (subpart, part, whole) triples, its image size and the embedding of its image."""
+    device = next(sam.parameters()).device
+    for scene in scenes:
+        inst = _instances(scene, limit, rng)
+        if inst:
+            yield inst, scene.image.shape[:2], sam.image_encoder(preprocess(scene.image).to(device))
 
 
 @torch.no_grad()

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from trimask.models.sam import Sam
-from trimask.preprocess import preprocess
 from trimask.training.decoder_start import set_match_gains
-from trimask.training.evaluate import _center, _instances, _iou, postprocess
+from trimask.training.evaluate import _center, _iou, clicked_scenes, postprocess
 from trimask.training.scenes import LEVELS, Scene
 from trimask.training.trainer import decode, to_frame
 
@@ -47,12 +46,7 @@ def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     totals = np.zeros((len(grid), 3))
     clicks = 0
     sam.eval()
-    for scene in scenes:
-        inst = _instances(scene, 2, rng)
-        if not inst:
-            continue
-        hw = scene.image.shape[:2]
-        emb = sam.image_encoder(preprocess(scene.image).to(device))
+    for inst, hw, emb in clicked_scenes(sam, scenes, rng):
         pts = torch.tensor(np.stack([to_frame(np.array([_center(s)]), hw) for s, _, _ in inst]),
                            dtype=torch.float32, device=device)
         lbl = torch.ones(len(inst), 1, device=device)

@@ -28,10 +28,8 @@ import numpy as np
 import torch
 
 from trimask.models.sam import Sam
-from trimask.preprocess import preprocess
 from trimask.training.decoder_start import SINGLE_READ_CHANNELS, set_single_read, single_read
-from trimask.training.evaluate import (_instances, _iou, box_answers, click_answers, first_answers,
-                                       postprocess)
+from trimask.training.evaluate import _iou, box_answers, click_answers, clicked_scenes, first_answers, postprocess
 from trimask.training.scenes import Scene
 from trimask.training.trainer import decode
 
@@ -47,19 +45,13 @@ def calibrate_reads(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     """Set token 0's reads (``decoder_start.set_single_read``) to the coordinate search's choice on
     ``scenes`` (up to two clicked instances each, as ``trimask eval`` picks them). Returns the reads
     before and after, the mean IoU of token 0's answers with each (per answer too: clicks 2..5, box),
-    the number of targets and of settings measured, and every setting tried with its mean IoU. ``progress(1)`` follows each scene, then each
-    setting of the clicks' reads measured."""
+    the number of targets and of settings measured, and every setting tried with its mean IoU.
+    ``progress(1)`` follows each scene, then each setting of the clicks' reads measured."""
     progress = progress or (lambda n: None)
-    device = next(sam.parameters()).device
     sam.eval()
     rng = np.random.default_rng(seed)
     cases = []
-    for scene in scenes:
-        inst = _instances(scene, 2, rng)
-        if not inst:
-            continue
-        hw = scene.image.shape[:2]
-        emb = sam.image_encoder(preprocess(scene.image).to(device))
+    for inst, hw, emb in clicked_scenes(sam, scenes, rng):
         targets = [levels[lv] for levels in inst for lv in range(3)]
         first = first_answers(sam, emb, hw, targets)  # multimask: token 0 plays no part
         box = _upscaled(sam, lambda: box_answers(sam, emb, hw, targets, rng))
