@@ -153,7 +153,9 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--code-workers", "-1"], "--code-workers"),
                                          (["--pattern-minutes", "1"], "--code-match-start"),
                                          (["--code-match-start", "--pattern-minutes", "-1"], "--pattern-minutes"),
-                                         (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch")])
+                                         (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch"),
+                                         (["--second-codes"], "--code-match-start"),
+                                         (["--code-match-start", "--second-codes"], "--pattern-minutes")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -234,6 +236,49 @@ def test_train_tiny_adds_a_pattern_head_to_given_weights_and_keeps_the_rest(tmp_
     # The decoder reads them: its first upscaling conv takes each pattern channel (pattern_gates).
     up1 = sam.mask_decoder.output_upscaling[0].weight
     assert all(float(up1[c].abs().sum()) > 0 for level in PATTERN for c in level)
+
+
+def test_train_tiny_adds_second_codes_to_given_weights_as_the_bundled_ones_have_them(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.preprocess import preprocess
+    from trimask.training.decoder_start import LOCAL_COLUMNS, READ_GAIN, SECOND, SECOND_FREQUENCY
+    from trimask.training.scenes import generate_scene
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    assert bundled_extra["encoder_kwargs"]["second_offset"] == SECOND[0][0]
+    # The bundled weights as they were before: no second codes or locality (the second layer's heads 1..4,
+    # the upscaling's channels for them zero, token 1 reading the plain subpart mark, random positional
+    # frequencies where SECOND's are 0, none where the locality's are).
+    older = {k: v.clone() for k, v in bundled.items()}
+    i2t = "mask_decoder.transformer.layers.1.cross_attn_image_to_token."
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        older[i2t + proj + ".weight"][16:80] = 0
+        older[i2t + proj + ".bias"][16:80] = 0
+    older[i2t + "out_proj.weight"][:, 16:80] = 0
+    older["mask_decoder.output_upscaling.0.weight"][:, 33:41] = 0
+    older["mask_decoder.output_upscaling.3.weight"][:, 9:18] = 0
+    older["mask_decoder.output_upscaling.3.bias"][9:18] = 0
+    for k in range(4):
+        older[f"mask_decoder.output_hypernetworks_mlps.{k}.layers.2.bias"][9:18] = 0
+    older["mask_decoder.output_hypernetworks_mlps.1.layers.2.bias"][0] = READ_GAIN
+    pe = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    older[pe][:, list(SECOND_FREQUENCY)] = torch.randn(2, 32).half()
+    older[pe][:, list(LOCAL_COLUMNS)] = 0
+    kwargs = {k: v for k, v in bundled_extra["encoder_kwargs"].items() if k != "second_offset"}
+    torch.save({"model": older, **bundled_extra, "encoder_kwargs": kwargs}, tmp_path / "older.pt")
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(tmp_path / "older.pt"), "--steps", "0", "--second-codes",
+                              "--threads", "1", "--out", str(tmp_path / "s.pt")], capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "s.pt")
+    assert extra["second_codes"] is True and extra["encoder_kwargs"]["second_offset"] == SECOND[0][0]
+    assert set(state) == set(bundled)
+    assert all(torch.allclose(state[k].float(), bundled[k].float(), atol=2e-3) for k in bundled)
+    changed = [k for k in bundled if not torch.equal(older[k], bundled[k])]
+    assert len(changed) >= 8
+    with torch.no_grad():
+        emb = build_sam("tiny", tmp_path / "s.pt").image_encoder(preprocess(generate_scene(3).image))
+    assert float(emb[0, SECOND[0][0] : SECOND[2][-1] + 1].abs().sum()) > 0
 
 
 def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp_path: Path):

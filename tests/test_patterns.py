@@ -8,7 +8,7 @@ from trimask.models.build import build_sam, construct_sam
 from trimask.models.tiny_encoder import to_work_size
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder
-from trimask.training.decoder_start import CODE, OBJ, OBJECT_VALUE, PATTERN, ZREF, code_match_start
+from trimask.training.decoder_start import CODE, OBJ, OBJECT_VALUE, PATTERN, UP_PATTERN, ZREF, code_match_start
 from trimask.training.evaluate import _center, postprocess
 from trimask.training.pattern_pretrain import pattern_loss, pattern_targets, pretrain_patterns
 from trimask.training.scenes import generate_scene
@@ -68,8 +68,10 @@ def test_the_gates_change_nothing_without_patterns_and_follow_subparts_with_them
     bare = build_sam("tiny", random_init=True).eval()
     code_match_start(bare)
     with torch.no_grad():
-        for c in (*(c for level in PATTERN for c in level), ZREF):  # no gates: the upscaling reads no pattern
-            bare.mask_decoder.output_upscaling[0].weight[c] = 0.0
+        up1 = bare.mask_decoder.output_upscaling[0].weight
+        for c in (c for level in PATTERN for c in level):  # no gates: the upscaling reads no pattern
+            up1[c] = 0.0
+        up1[ZREF, UP_PATTERN : UP_PATTERN + 24] = 0.0
     before, after = [], []
     for seed in range(10**9, 10**9 + 4):
         scene = generate_scene(seed)

@@ -75,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "encoder's pattern head (which of a cell's 4 x 4 pixels lie outside its region, so masks follow edges "
                    "inside a cell) for this many minutes, the rest of the encoder frozen (default 0: none)")
     p.add_argument("--pattern-batch", type=int, default=4, help="scenes per step of the pattern head (default 4)")
+    p.add_argument("--second-codes", action="store_true",
+                   help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
+                   "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
+                   "outside; computed, not trained) and the decoder marks those pixels by them, so a region that "
+                   "only reaches into a cell is marked there too; and the subpart candidate is switched off far "
+                   "from the clicks (a broad positional kernel around each click)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
@@ -199,6 +205,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
     if args.calibrate_scenes < 0 or args.calibrate_reads < 0:
         raise TrimaskError("--calibrate-scenes and --calibrate-reads must be 0 or more.")
+    if args.second_codes and args.init is None and not args.code_match_start:
+        raise TrimaskError("--second-codes works on the code-match layout; pass --code-match-start, or --init weights "
+                           "made with it.")
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
@@ -238,6 +247,11 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.code_match_start:
         code_match_start(sam)
         prepare_encoder(sam.image_encoder)
+    if args.second_codes:
+        if "pattern_offset" not in encoder_kwargs:
+            raise TrimaskError("--second-codes needs a pattern head: pass --pattern-minutes, or --init weights that "
+                               "have one.")
+        sam, encoder_kwargs = _with_second_codes(sam, encoder_kwargs)
     sam.to(device)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
@@ -311,7 +325,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
              "init": str(args.init) if args.init is not None else None,
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
-             "mark_strengths": args.mark_strengths,
+             "mark_strengths": args.mark_strengths, "second_codes": args.second_codes,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary,
              "match_calibration": calibration, "read_calibration": reads}
@@ -347,6 +361,20 @@ def _with_pattern_head(sam, encoder_kwargs: dict):
     rebuilt = construct_sam("tiny", encoder_kwargs=kwargs)
     missing, unexpected = rebuilt.load_state_dict(sam.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("image_encoder.pattern.") for k in missing)
+    return rebuilt, kwargs
+
+
+def _with_second_codes(sam, encoder_kwargs: dict):
+    """``sam`` rebuilt so that its encoder writes second codes and its decoder reads them, and its subpart
+    candidate is kept near the clicks (``decoder_start.subpart_locality``); every other weight kept."""
+    from trimask.models.build import construct_sam
+    from trimask.training.decoder_start import SECOND, second_marks, subpart_locality
+
+    kwargs = {**encoder_kwargs, "second_offset": SECOND[0][0]}
+    rebuilt = construct_sam("tiny", encoder_kwargs=kwargs)
+    rebuilt.load_state_dict(sam.state_dict())
+    second_marks(rebuilt)
+    subpart_locality(rebuilt)
     return rebuilt, kwargs
 
 

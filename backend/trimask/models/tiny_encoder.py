@@ -18,6 +18,12 @@ levels, which of the cell's 4 x 4 pixels lie outside the cell's own region, as 4
 outside, see ``PATTERN_CUT``), read from a small full-resolution
 conv on the 256 px copy and the 64 x 64 features (``trimask.training.decoder_start.PATTERN`` says how
 the decoder uses them).
+
+With a pattern head, ``second_offset`` adds each cell's second codes: per level, the code of the neighbouring
+cell towards the pixels the pattern calls outside (``neighbour_codes``), i.e. of the region those pixels most
+likely belong to, as 48 channels from ``second_offset`` (scaled by ``SECOND_SCALE``). A cell's codes are
+those of the region at its centre; with its second codes the decoder can also mark the pixels of a region
+that only reaches into the cell (``trimask.training.decoder_start.SECOND``). They are computed, not learned.
 """
 from __future__ import annotations
 
@@ -68,6 +74,37 @@ class _SepResBlock(nn.Module):
 PATTERN_CUT = 2.0
 
 
+# Second codes are written at a quarter of the codes' size, so the decoder's norms scale the rest alike.
+SECOND_SCALE = 0.25
+SECOND_TURN = 0.25  # a centroid this far (in pixels) off the cell's centre along an axis points to that side
+SECOND_MIN = 0.5  # a cell whose pattern sums to less than this (of 16 pixels) gets no second code
+
+
+def neighbour_codes(codes: torch.Tensor, outside: torch.Tensor, *, levels: int = 3) -> torch.Tensor:
+    """``codes`` and ``outside`` ``B x 16 levels x H x W`` (per level a 16-d code; 16 pixel values, rows
+    first, 0 inside to 1 outside) -> ``B x 16 levels x H x W``: per cell and level, the code of the neighbour
+    (of 8, or none) in the direction of the centroid of its outside pixels; 0 where too little is outside
+    or the neighbour lies off the grid."""
+    b, _, h, w = codes.shape
+    k = torch.arange(16, dtype=codes.dtype, device=codes.device)
+    ys, xs = (k // 4 - 1.5).view(1, 16, 1, 1), (k % 4 - 1.5).view(1, 16, 1, 1)
+    padded = F.pad(codes, (1, 1, 1, 1))
+    shifted = torch.stack([padded[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dim=1)  # B x 9 x C x H x W
+    out = []
+    for lv in range(levels):
+        p = outside[:, 16 * lv : 16 * (lv + 1)]
+        n = p.sum(1, keepdim=True)
+        cy, cx = (p * ys).sum(1, keepdim=True) / n.clamp(min=1e-6), (p * xs).sum(1, keepdim=True) / n.clamp(min=1e-6)
+        sy = (cy > SECOND_TURN).long() - (cy < -SECOND_TURN).long()
+        sx = (cx > SECOND_TURN).long() - (cx < -SECOND_TURN).long()
+        side = (sy + 1) * 3 + (sx + 1)  # B x 1 x H x W; 4 is the cell itself
+        level = shifted[:, :, 16 * lv : 16 * (lv + 1)]
+        pick = torch.gather(level, 1, side[:, None].expand(b, 1, 16, h, w))[:, 0]
+        out.append(pick * ((n >= SECOND_MIN) & (side != 4)).to(codes.dtype))
+    return torch.cat(out, dim=1)
+
+
 class PatternHead(nn.Module):
     """``B x 3 x 256 x 256`` work copy and ``B x C x 64 x 64`` features -> ``B x 16 levels x 64 x 64`` logits."""
 
@@ -99,13 +136,19 @@ class TinyImageEncoder(nn.Module):
         depth: int = 4,
         out_chans: int = 256,
         pattern_offset: int | None = None,
+        second_offset: int | None = None,
+        code_offset: int = 16,
     ) -> None:
         super().__init__()
         if img_size % work_size or work_size % 4:
             raise ValueError("work_size must divide img_size and be a multiple of 4")
         if pattern_offset is not None and (work_size != 256 or not 0 <= pattern_offset <= out_chans - 48):
             raise ValueError("the pattern head needs work_size 256 (4 x 4 pixels a cell) and 48 channels from pattern_offset")
+        if second_offset is not None and (pattern_offset is None or not 0 <= second_offset <= out_chans - 48
+                                          or not 0 <= code_offset <= out_chans - 48):
+            raise ValueError("second codes need the pattern head and 48 channels from second_offset and code_offset")
         self.pattern_offset = pattern_offset
+        self.second_offset, self.code_offset = second_offset, code_offset
         self.img_size = img_size
         self.work_size = work_size
         self.stem = nn.Sequential(
@@ -152,7 +195,12 @@ class TinyImageEncoder(nn.Module):
             return out
         o = self.pattern_offset
         pattern = torch.tanh(0.5 * (self.pattern(x, f64) - PATTERN_CUT)).clamp(min=0.0)
-        return torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
+        out = torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
+        if self.second_offset is None:
+            return out
+        s, c = self.second_offset, self.code_offset
+        second = SECOND_SCALE * neighbour_codes(out[:, c : c + 48], pattern)
+        return torch.cat([out[:, :s], second, out[:, s + 48 :]], dim=1)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The 64 x 64 local features of a work-size input (what the pattern head reads beside the pixels)."""

@@ -25,6 +25,13 @@ fixed channels of the embedding:
   4 x 4 pixels of the 256 x 256 grid lie outside the cell's own region (``PATTERN``); the upscaling's
   two transposed convolutions place each pixel's value at its position and switch the level's mark
   off there (``pattern_gates``), so a mask can follow an edge inside a cell;
+- second codes: a cell's codes are those of the region at its centre, so a region that only reaches into
+  a cell would lose those pixels; the encoder also writes, per cell and level, the code of the
+  neighbour towards the cell's outside pixels (``SECOND``), the second layer's image->token attention
+  compares them with the click's, and the upscaling adds that mark where the pattern says outside
+  (``second_marks``);
+- locality: a broad positional kernel around each click tells every cell how far it is from the clicks
+  (``FAR``), and the subpart candidate is switched off far from them (``subpart_locality``);
 - token 0, the single-mask output, reads the previous answer plus the clicks' regions (so a positive
   click adds its part, a negative one removes its subpart) plus the box mark, with the weights
   ``SINGLE_READ`` (``set_single_read``; ``trimask.training.read_calibration`` chooses them for the codes
@@ -43,6 +50,7 @@ import math
 import torch
 
 from trimask.models.sam import Sam
+from trimask.models.tiny_encoder import SECOND_SCALE
 from trimask.training.scenes import LEVELS
 
 # Eight 2-D frequencies (in the prompt encoder's [-1, 1] coordinates) whose cosine kernel
@@ -106,7 +114,9 @@ UNIT_MARK, UNIT_BOX, UNIT_PREV, UNIT_CONST = 2.1, 1.84, 0.65, 0.84
 # input and its twin (7, 8), the constant (31).
 UP_NEGATIVE = (4, 5, 6)
 UP_BOX, UP_PREV, UP_CONSTANT = 3, (7, 8), 31
-SINGLE_READ_CHANNELS = (0, 1, 2, *UP_NEGATIVE, UP_BOX, *UP_PREV, UP_CONSTANT)  # all that token 0 reads
+UP_SECOND = ((9, 10), (11, 12), (13, 14))  # the level-l second mark where outside and its twin (``SECOND``)
+SINGLE_READ_CHANNELS = (0, 1, 2, *UP_NEGATIVE, UP_BOX, *UP_PREV, UP_CONSTANT,
+                        *(c for pair in UP_SECOND for c in pair))  # all that token 0 reads
 # Sub-cell patterns: channels PATTERN[l] (16 each, 160..207) say, for each of a cell's 4 x 4 pixels of
 # the 4x grid (row by row), whether it lies outside the cell's own level-l region (up to 1) or not
 # (0). The first upscaling conv places each pixel's value at its 2 x 2 position (channels
@@ -118,6 +128,36 @@ PATTERN = tuple(tuple(range(160 + 16 * lv, 176 + 16 * lv)) for lv in range(3))
 UP_PATTERN = 9  # 9..32: per level 4 sub-positions and their negative twins
 PATTERN_UP_GAIN, PATTERN_GATE = 3.0, 40.0
 SUBPIXELS = ((0, 0), (0, 1), (1, 0), (1, 1))
+# Second codes (``second_marks``): channels SECOND[l] hold, per cell and level, the code of the region that
+# the cell's outside pixels belong to (the tiny encoder's ``neighbour_codes``, at SECOND_SCALE). The
+# second layer's image->token heads 1..3 compare them with the click's codes like the first layer's heads
+# 0..2 compare a cell's own codes, into SECOND_MARK; the upscaling adds that mark at the pixels the
+# level's pattern calls outside (4x-grid pairs UP_SECOND), where the cell's own mark is switched off.
+SECOND = tuple(tuple(range(208 + 16 * lv, 224 + 16 * lv)) for lv in range(3))
+SECOND_FREQUENCY = tuple(range(96, 128))  # positional columns set to 0, so SECOND's positional part is 1
+SECOND_MARK = (84, 85, 86)
+UP_SECOND_IN = (33, 35, 37)  # the first upscaling's level-l second mark and its twin (+1)
+SECOND_SIGMA = 0.76  # a cell's standard deviation before the first layer's last norm (measured: on objects)
+# The gate's logit, SECOND_GATE x (a pattern value of 1 reaches the first upscaling as about 0.49) - SECOND_OPEN:
+# open from a pattern of about 0.33, where the cell's own mark is mostly off (its gate is 40 x 0.49 x pattern).
+SECOND_GATE, SECOND_OPEN = 25.0, 4.0
+SECOND_READ = 0.7  # the second mark counts 1-2 times a mark where open; read it a little lower
+# Subpart locality (``subpart_locality``): a clicked subpart's code also matches cells far from the click
+# (other subparts of its colour; measured on learned codes: the false pixels lie a median 23 pixels, six
+# cells, from the subpart). Five positional columns make a broad kernel around each click (five cosines
+# of one frequency, 36 degrees apart, falling to half LOCAL_RADIUS cells away); head 4 of the second
+# image->token attention gives every cell its attention to the IoU token (a sink) against the point tokens
+# scored by that kernel, i.e. how far it is from every click, in FAR; multimask token 1 reads copies of
+# the subpart's marks (UP_LOCAL) from which the upscaling subtracts it. Token 0 keeps the plain marks.
+LOCAL_COLUMNS = (11, 12, 13, 14, 15)
+LOCAL_RADIUS = 3.0
+LOCAL_PEAK = 16.0  # the kernel's logit at a click; the sink's is half of it
+FAR = 87
+FAR_GAIN = 0.25  # FAR's size where no click is near
+UP_FAR = (39, 40)  # FAR and its twin in the first upscaling
+UP_LOCAL = (15, 16, 17)  # the 4x grid's subpart mark, second mark and its twin, switched off far from clicks
+LOCAL_GATE = 70.0  # FAR reaches the 4x grid as about 0.1, so a far cell's marks lose about 7
+IOU_TYPE_KEY, IOU_TYPE_VALUE = 24.0, 16.0  # the IoU token's type channel after the norms: with its initial copy, alone
 
 
 def _one_hot(channel: int, value: float, dim: int = 256) -> torch.Tensor:
@@ -215,6 +255,8 @@ def code_match_start(sam: Sam) -> None:
             out.bias[k - 1] = READ_GAIN
             out.bias[UP_CONSTANT] = -READ_BIAS
     set_single_read(sam, SINGLE_READ)
+    second_marks(sam)
+    subpart_locality(sam)
 
 
 def _single_reader(sam: Sam) -> torch.Tensor:
@@ -232,6 +274,8 @@ def set_single_read(sam: Sam, reads: dict[str, float]) -> None:
     for lv, name in enumerate(LEVELS):
         out[lv] = SINGLE_GAIN * reads[name] / UNIT_MARK
         out[UP_NEGATIVE[lv]] = -out[lv]
+        out[UP_SECOND[lv][0]] = SECOND_READ * out[lv]
+        out[UP_SECOND[lv][1]] = -SECOND_READ * out[lv]
     out[UP_BOX] = SINGLE_GAIN * reads["box"] / UNIT_BOX
     out[UP_PREV[0]] = SINGLE_GAIN * reads["prev"] / UNIT_PREV
     out[UP_PREV[1]] = -out[UP_PREV[0]]
@@ -257,8 +301,11 @@ def set_match_gains(sam: Sam, gains: tuple[float, float, float]) -> None:
     closer a cell's code must be to the click's to take its mark (``trimask.training.match_calibration``
     chooses them for the codes an encoder has learned)."""
     bias = _match_heads(sam)
+    second = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token.q_proj.weight
     for lv, gain in enumerate(gains):
         bias[16 * lv + 15] = gain
+        # second codes (``second_marks``): the same sink, read from DENSE after the first layer's norm
+        second[16 * (1 + lv) + 15, DENSE] = gain * SECOND_SIGMA / 10.0
 
 
 def match_gains(sam: Sam) -> tuple[float, float, float]:
@@ -291,9 +338,9 @@ def pattern_gates(sam: Sam) -> None:
     for level in PATTERN:
         up1.weight[list(level)] = 0.0
     up1.weight[ZREF] = 0.0
-    up2.weight[UP_PATTERN : UP_PATTERN + 24] = 0.0
     for lv in range(3):
         gated = [lv, UP_NEGATIVE[lv]] + (list(UP_PREV) if lv == 2 else [])
+        up2.weight[UP_PATTERN + 8 * lv : UP_PATTERN + 8 * lv + 8, gated] = 0.0
         for k, (a2, b2) in enumerate(SUBPIXELS):
             pos = UP_PATTERN + 8 * lv + k
             neg = pos + 4
@@ -306,6 +353,102 @@ def pattern_gates(sam: Sam) -> None:
             for out in gated:
                 up2.weight[pos, out, a2, b2] = -PATTERN_GATE
                 up2.weight[neg, out, a2, b2] = PATTERN_GATE
+
+
+@torch.no_grad()
+def second_marks(sam: Sam) -> None:
+    """Mark the pixels of a clicked region that reach into cells centred on another region (see ``SECOND``):
+    heads 1..3 of the second image->token attention compare each cell's second codes with the click's, as
+    the first layer's heads 0..2 compare its own codes (same sink logits, ``set_match_gains``), and the
+    upscaling adds the result where the level's pattern says outside. Changes nothing for an encoder that
+    leaves SECOND at 0 and nothing where the patterns are 0; sets the weights afresh on weights that have them."""
+    dec = sam.mask_decoder
+    g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    g[:, list(SECOND_FREQUENCY)] = 0.0
+    i2t = dec.transformer.layers[1].cross_attn_image_to_token
+    # The cell side is after the first layer's norm (a cell's values / its deviation, about SECOND_SIGMA):
+    # ZREF cancels the norm's shift, the bias the positional 1, and the sink reads DENSE (10 / deviation),
+    # so a code's logit and the sink's scale alike with the cell's deviation.
+    gain = CODE_SCALE * SECOND_SIGMA / SECOND_SCALE
+    for lv in range(3):
+        d = 16 * (1 + lv)
+        i2t.q_proj.weight[d : d + 16] = 0.0
+        i2t.k_proj.weight[d : d + 16] = 0.0
+        i2t.v_proj.weight[d : d + 16] = 0.0
+        i2t.out_proj.weight[:, d : d + 16] = 0.0
+        for j, ch in enumerate(SECOND[lv][:15]):
+            i2t.q_proj.weight[d + j, ch] = gain
+            i2t.q_proj.weight[d + j, ZREF] = -gain
+            i2t.q_proj.bias[d + j] = -gain
+            i2t.k_proj.weight[d + j, CODE[lv][j]] = CODE_SCALE
+        i2t.q_proj.bias[d + 15] = 0.0
+        i2t.k_proj.weight[d + 15, SINK] = 1.0
+        i2t.v_proj.weight[d, LABEL] = 1.0
+        i2t.out_proj.weight[SECOND_MARK[lv], d] = MARK_GAIN / SECOND_SIGMA  # one norm fewer than the first marks
+    up1, _, _, up2, _ = dec.output_upscaling
+    for lv in range(3):
+        src, twin = UP_SECOND_IN[lv], UP_SECOND_IN[lv] + 1
+        up1.weight[:, src] = up1.weight[:, twin] = 0.0
+        up1.weight[SECOND_MARK[lv], src] = UP_MARK
+        up1.weight[SECOND_MARK[lv], twin] = -UP_MARK
+        for out, sign in zip(UP_SECOND[lv], (1.0, -1.0)):
+            up2.weight[:, out] = 0.0
+            up2.weight[src, out] = sign
+            up2.weight[twin, out] = -sign
+            for k, (a2, b2) in enumerate(SUBPIXELS):
+                pos = UP_PATTERN + 8 * lv + k
+                up2.weight[pos, out, a2, b2] = SECOND_GATE
+                up2.weight[pos + 4, out, a2, b2] = -SECOND_GATE
+            up2.bias[out] = -SECOND_OPEN
+    for k, mlp in enumerate(dec.output_hypernetworks_mlps):
+        out = mlp.layers[-1]
+        if k:
+            out.bias[UP_SECOND[k - 1][0]] = READ_GAIN * SECOND_READ
+            out.bias[UP_SECOND[k - 1][1]] = -READ_GAIN * SECOND_READ
+    set_match_gains(sam, match_gains(sam))
+    set_single_read(sam, single_read(sam))
+
+
+@torch.no_grad()
+def subpart_locality(sam: Sam) -> None:
+    """Switch the subpart candidate (multimask token 1) off far from every click (see ``LOCAL_COLUMNS``).
+    Call after ``pattern_gates`` and ``second_marks``: it copies the subpart's 4x-grid channels they make."""
+    g = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    magnitude = 1.52 / (2 * math.pi * LOCAL_RADIUS * 2 / 64)  # sum of the cosines ~ J0, which is half at 1.52
+    for k, col in enumerate(LOCAL_COLUMNS):
+        g[0, col] = magnitude * math.cos(math.pi * k / 5)
+        g[1, col] = magnitude * math.sin(math.pi * k / 5)
+    i2t = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token
+    d = 64  # head 4
+    for proj in (i2t.q_proj, i2t.k_proj, i2t.v_proj):
+        proj.weight[d : d + 16] = 0.0
+        proj.bias[d : d + 16] = 0.0
+    i2t.out_proj.weight[:, d : d + 16] = 0.0
+    # A cell's positional part against a click's (a token carries it only in its initial copy after the
+    # first layer), summed over the five columns: 5 x kernel at the click; q . k / 4.
+    for j, col in enumerate(LOCAL_COLUMNS):
+        for t, ch in enumerate((col, 128 + col)):
+            _read_token(i2t.q_proj, d + 2 * j + t, ch, LOCAL_PEAK * 4 / 5)
+            _read_token(i2t.k_proj, d + 2 * j + t, ch, 1.0)
+    i2t.q_proj.bias[d + 10] = 1.0
+    _read_token(i2t.k_proj, d + 10, SINK, 0.5 * LOCAL_PEAK * 4 / IOU_TYPE_KEY)
+    _read_token(i2t.v_proj, d, SINK, 1.0)
+    i2t.out_proj.weight[FAR, d] = FAR_GAIN / IOU_TYPE_VALUE
+    up1, _, _, up2, _ = sam.mask_decoder.output_upscaling
+    up1.weight[:, list(UP_FAR)] = 0.0
+    for ch, sign in ((FAR, 1.0), (ZREF, -1.0)):  # minus ZREF: the norms' shift
+        up1.weight[ch, UP_FAR[0]] = sign * UP_MARK
+        up1.weight[ch, UP_FAR[1]] = -sign * UP_MARK
+    reader = sam.mask_decoder.output_hypernetworks_mlps[1].layers[-1]
+    for plain, local in zip((0, *UP_SECOND[0]), UP_LOCAL):
+        up2.weight[:, local] = up2.weight[:, plain]
+        up2.bias[local] = up2.bias[plain]
+        if float(reader.bias[plain]) != 0.0:
+            reader.bias[local] = reader.bias[plain]
+            reader.bias[plain] = 0.0
+    for local in UP_LOCAL[:2]:
+        up2.weight[UP_FAR[0], local] = -LOCAL_GATE
+        up2.weight[UP_FAR[1], local] = LOCAL_GATE
 
 
 def _box_half_planes(i2t: torch.nn.Module) -> None:
