@@ -61,7 +61,8 @@ def test_close_sibling_codes_raise_the_subpart_threshold_and_fit_subparts_better
     sub = result["iou"]["subpart"]
     assert gains[0] > SINK_GAIN
     start = min(MATCH_GAIN_GRID, key=lambda g: abs(g - SINK_GAIN))
-    assert sub[str(gains[0])] > sub[str(start)] + 0.2
+    # (by less than without the subpart locality, which already switches off far siblings)
+    assert sub[str(gains[0])] > sub[str(start)] + 0.04
     assert result["clicks"] >= 4
 
 

@@ -61,12 +61,17 @@ def _centre_oracle(scene, seed: int = 1) -> torch.Tensor:
     return out
 
 
-def test_the_gates_change_nothing_without_patterns_and_follow_subparts_with_them():
+def _code_match_pair():
+    """Two decoders with the code-match start: one as it is, one to change and compare with it."""
     torch.manual_seed(0)
-    sam = build_sam("tiny", random_init=True).eval()
-    code_match_start(sam)
-    bare = build_sam("tiny", random_init=True).eval()
-    code_match_start(bare)
+    pair = [build_sam("tiny", random_init=True).eval() for _ in range(2)]
+    for sam in pair:
+        code_match_start(sam)
+    return pair
+
+
+def test_the_gates_change_nothing_without_patterns_and_follow_subparts_with_them():
+    sam, bare = _code_match_pair()
     with torch.no_grad():
         up1 = bare.mask_decoder.output_upscaling[0].weight
         for c in (c for level in PATTERN for c in level):  # no gates: the upscaling reads no pattern

@@ -16,7 +16,7 @@ from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
 
 from test_decoder_start import _iou
-from test_patterns import _centre_oracle
+from test_patterns import _centre_oracle, _code_match_pair
 
 
 def _pixels(*cells: tuple[int, int]) -> torch.Tensor:
@@ -113,11 +113,7 @@ def test_second_marks_add_the_pixels_a_clicked_region_has_in_cells_centred_elsew
 
 
 def test_the_subpart_candidate_stays_near_the_clicks():
-    torch.manual_seed(0)
-    sam = build_sam("tiny", random_init=True).eval()
-    code_match_start(sam)
-    ungated = build_sam("tiny", random_init=True).eval()
-    code_match_start(ungated)
+    sam, ungated = _code_match_pair()
     with torch.no_grad():
         ungated.mask_decoder.output_upscaling[3].weight[UP_FAR[0], list(UP_LOCAL)] = 0.0
         ungated.mask_decoder.output_upscaling[3].weight[UP_FAR[1], list(UP_LOCAL)] = 0.0
@@ -129,7 +125,7 @@ def test_the_subpart_candidate_stays_near_the_clicks():
     code = emb[0, CODE[0][0] : CODE[0][-1] + 1, cy // 4, cx // 4].clone()
     py, px = (cy // 4 + 20) % 64, (cx // 4 + 20) % 64
     emb[0, CODE[0][0] : CODE[0][-1] + 1, py : py + 3, px : px + 3] = code[:, None, None]
-    pts = torch.tensor([to_frame(np.array([_center(sub)]), (256, 256))], dtype=torch.float32)
+    pts = torch.tensor(np.array([to_frame(np.array([_center(sub)]), (256, 256))]), dtype=torch.float32)
     with torch.no_grad():
         near, _ = decode(sam, emb, pts, torch.ones(1, 1), None, None, True)
         both, _ = decode(ungated, emb, pts, torch.ones(1, 1), None, None, True)
