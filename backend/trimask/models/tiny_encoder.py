@@ -74,6 +74,7 @@ class _SepResBlock(nn.Module):
 PATTERN_CUT = 2.0
 
 
+CODE_OFFSET = 16  # where the encoder's region codes start (``trimask.training.decoder_start.CODE``)
 # Second codes are written at a quarter of the codes' size, so the decoder's norms scale the rest alike.
 SECOND_SCALE = 0.25
 SECOND_TURN = 0.25  # a centroid this far (in pixels) off the cell's centre along an axis points to that side
@@ -95,7 +96,7 @@ def neighbour_codes(codes: torch.Tensor, outside: torch.Tensor, *, levels: int =
     for lv in range(levels):
         p = outside[:, 16 * lv : 16 * (lv + 1)]
         n = p.sum(1, keepdim=True)
-        cy, cx = (p * ys).sum(1, keepdim=True) / n.clamp(min=1e-6), (p * xs).sum(1, keepdim=True) / n.clamp(min=1e-6)
+        cy, cx = ((p * axis).sum(1, keepdim=True) / n.clamp(min=1e-6) for axis in (ys, xs))
         sy = (cy > SECOND_TURN).long() - (cy < -SECOND_TURN).long()
         sx = (cx > SECOND_TURN).long() - (cx < -SECOND_TURN).long()
         side = (sy + 1) * 3 + (sx + 1)  # B x 1 x H x W; 4 is the cell itself
@@ -137,18 +138,16 @@ class TinyImageEncoder(nn.Module):
         out_chans: int = 256,
         pattern_offset: int | None = None,
         second_offset: int | None = None,
-        code_offset: int = 16,
     ) -> None:
         super().__init__()
         if img_size % work_size or work_size % 4:
             raise ValueError("work_size must divide img_size and be a multiple of 4")
         if pattern_offset is not None and (work_size != 256 or not 0 <= pattern_offset <= out_chans - 48):
             raise ValueError("the pattern head needs work_size 256 (4 x 4 pixels a cell) and 48 channels from pattern_offset")
-        if second_offset is not None and (pattern_offset is None or not 0 <= second_offset <= out_chans - 48
-                                          or not 0 <= code_offset <= out_chans - 48):
-            raise ValueError("second codes need the pattern head and 48 channels from second_offset and code_offset")
+        if second_offset is not None and (pattern_offset is None or not 0 <= second_offset <= out_chans - 48):
+            raise ValueError("second codes need the pattern head and 48 channels from second_offset")
         self.pattern_offset = pattern_offset
-        self.second_offset, self.code_offset = second_offset, code_offset
+        self.second_offset = second_offset
         self.img_size = img_size
         self.work_size = work_size
         self.stem = nn.Sequential(
@@ -198,7 +197,7 @@ class TinyImageEncoder(nn.Module):
         out = torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
         if self.second_offset is None:
             return out
-        s, c = self.second_offset, self.code_offset
+        s, c = self.second_offset, CODE_OFFSET
         second = SECOND_SCALE * neighbour_codes(out[:, c : c + 48], pattern)
         return torch.cat([out[:, :s], second, out[:, s + 48 :]], dim=1)
 

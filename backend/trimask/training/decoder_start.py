@@ -50,7 +50,7 @@ import math
 import torch
 
 from trimask.models.sam import Sam
-from trimask.models.tiny_encoder import SECOND_SCALE
+from trimask.models.tiny_encoder import CODE_OFFSET, SECOND_SCALE
 from trimask.training.scenes import LEVELS
 
 # Eight 2-D frequencies (in the prompt encoder's [-1, 1] coordinates) whose cosine kernel
@@ -62,7 +62,7 @@ FETCH_FREQUENCIES = (
 )
 FETCH = tuple(range(8))  # their columns: embedding channels 0..7 (sin) and 128..135 (cos)
 CODE_DIM = 16
-CODE = tuple(tuple(range(16 + CODE_DIM * lv, 16 + CODE_DIM * (lv + 1))) for lv in range(3))  # 16..63
+CODE = tuple(tuple(range(CODE_OFFSET + CODE_DIM * lv, CODE_OFFSET + CODE_DIM * (lv + 1))) for lv in range(3))  # 16..63
 CODE_CHANNELS = tuple(c for lv in CODE for c in lv)
 MARK = (64, 65, 66)
 LABEL, SINK = 70, 72
@@ -274,12 +274,18 @@ def set_single_read(sam: Sam, reads: dict[str, float]) -> None:
     for lv, name in enumerate(LEVELS):
         out[lv] = SINGLE_GAIN * reads[name] / UNIT_MARK
         out[UP_NEGATIVE[lv]] = -out[lv]
-        out[UP_SECOND[lv][0]] = SECOND_READ * out[lv]
-        out[UP_SECOND[lv][1]] = -SECOND_READ * out[lv]
+    _single_second_reads(out)
     out[UP_BOX] = SINGLE_GAIN * reads["box"] / UNIT_BOX
     out[UP_PREV[0]] = SINGLE_GAIN * reads["prev"] / UNIT_PREV
     out[UP_PREV[1]] = -out[UP_PREV[0]]
     out[UP_CONSTANT] = -SINGLE_GAIN * reads["bias"] / UNIT_CONST
+
+
+def _single_second_reads(out: torch.Tensor) -> None:
+    """Token 0 reads each level's second mark (``second_marks``) as that level's mark, ``SECOND_READ`` lower."""
+    for lv in range(3):
+        out[UP_SECOND[lv][0]] = SECOND_READ * out[lv]
+        out[UP_SECOND[lv][1]] = -SECOND_READ * out[lv]
 
 
 def single_read(sam: Sam) -> dict[str, float]:
@@ -406,7 +412,7 @@ def second_marks(sam: Sam) -> None:
             out.bias[UP_SECOND[k - 1][0]] = READ_GAIN * SECOND_READ
             out.bias[UP_SECOND[k - 1][1]] = -READ_GAIN * SECOND_READ
     set_match_gains(sam, match_gains(sam))
-    set_single_read(sam, single_read(sam))
+    _single_second_reads(_single_reader(sam))
 
 
 @torch.no_grad()
