@@ -155,7 +155,8 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--pattern-minutes", "-1"], "--pattern-minutes"),
                                          (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch"),
                                          (["--second-codes"], "--code-match-start"),
-                                         (["--code-match-start", "--second-codes"], "--pattern-minutes")])
+                                         (["--code-match-start", "--second-codes"], "--pattern-minutes"),
+                                         (["--part-in-whole"], "--code-match-start")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -279,6 +280,38 @@ def test_train_tiny_adds_second_codes_to_given_weights_as_the_bundled_ones_have_
     with torch.no_grad():
         emb = build_sam("tiny", tmp_path / "s.pt").image_encoder(preprocess(generate_scene(3).image))
     assert float(emb[0, SECOND[0][0] : SECOND[2][-1] + 1].abs().sum()) > 0
+
+
+def test_train_tiny_keeps_parts_within_wholes_and_trains_patterns_on_new_scenes(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+    from trimask.training.decoder_start import READ_BIAS, UP_CONSTANT, UP_SECOND
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    # The bundled weights as they were before: the part candidate read alone.
+    older = {k: v.clone() for k, v in bundled.items()}
+    reader = "mask_decoder.output_hypernetworks_mlps.2.layers.2.bias"
+    older[reader][[2, *UP_SECOND[2]]] = 0
+    older[reader][UP_CONSTANT] = -READ_BIAS
+    torch.save({"model": older, **bundled_extra}, tmp_path / "older.pt")
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(tmp_path / "older.pt"), "--steps", "0", "--part-in-whole",
+                              "--pattern-minutes", "0.02", "--threads", "1", "--out", str(tmp_path / "p.pt")],
+                   capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "p.pt")
+    assert extra["part_in_whole"] is True
+    assert torch.allclose(state[reader].float(), bundled[reader].float(), atol=2e-3)
+    assert not torch.equal(older[reader], bundled[reader])
+    # The pattern stage trained the head on from the scenes the chain of runs drew, and laid its gates out
+    # afresh without touching the rest of the decoder (the locality reads ZREF in the same convolution).
+    done, record = 0, bundled_extra
+    while record:
+        done += int((record.get("pattern_pretrain") or {}).get("scenes", 0))
+        record = record.get("init_record")
+    assert done > 0 and extra["pattern_pretrain"]["first_scene"] == done and extra["pattern_pretrain"]["steps"] >= 1
+    head = [k for k in bundled if k.startswith("image_encoder.pattern.")]
+    assert any(not torch.equal(state[k], bundled[k]) for k in head)
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled if k not in head and k != reader)
 
 
 def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp_path: Path):

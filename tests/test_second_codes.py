@@ -9,7 +9,9 @@ from trimask.models.build import build_sam, construct_sam
 from trimask.models.tiny_encoder import SECOND_MIN, SECOND_SCALE, neighbour_codes, to_work_size
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import prepare_encoder
-from trimask.training.decoder_start import CODE, PATTERN, SECOND, SECOND_MARK, UP_FAR, UP_LOCAL, code_match_start
+from trimask.training.decoder_start import (CODE, PATTERN, READ_BIAS, SECOND, SECOND_MARK, UP_CONSTANT, UP_FAR, UP_LOCAL,
+                                            UP_SECOND, code_match_start, part_within_whole,
+                                            pattern_gates, second_marks, subpart_locality)
 from trimask.training.evaluate import _center, postprocess
 from trimask.training.pattern_pretrain import pattern_targets
 from trimask.training.scenes import generate_scene
@@ -137,3 +139,40 @@ def test_the_subpart_candidate_stays_near_the_clicks():
     assert _iou(near[0], sub) > _iou(both[0], sub) + 0.1
     assert _iou(near[0], sub) > _iou(both[0] & ~patch, sub) - 0.05 > 0.8
     assert np.array_equal(near[1:], both[1:])  # the part and whole candidates are not gated
+
+
+def test_the_part_candidate_stays_within_the_clicked_whole():
+    sam, alone = _code_match_pair()
+    with torch.no_grad():  # the part candidate read alone, as before part_within_whole
+        reader = alone.mask_decoder.output_hypernetworks_mlps[2].layers[-1].bias
+        reader[[2, *UP_SECOND[2]]] = 0.0
+        reader[UP_CONSTANT] = -READ_BIAS
+    scene = next(s for s in map(generate_scene, range(10**9, 10**9 + 20)) if len(np.unique(s.whole_map)) >= 3)
+    whole_ids = [w for w in np.unique(scene.whole_map) if w]
+    clicked = scene.whole_map == whole_ids[0]
+    part = scene.part_map == np.bincount(scene.part_map[clicked]).argmax()
+    other = scene.whole_map == whole_ids[1]
+    emb = _with_second_codes(_centre_oracle(scene), scene)
+    # The clicked part's code written into every cell centred on another object, as learned codes spill.
+    centres = torch.from_numpy(other[2::4, 2::4])
+    cy, cx = (int(round(v)) for v in _center(part)[::-1])
+    emb[0, CODE[1][0] : CODE[1][-1] + 1, centres] = emb[0, CODE[1][0] : CODE[1][-1] + 1, cy // 4, cx // 4][:, None]
+    pts = torch.tensor(np.array([to_frame(np.array([[cx, cy]]), (256, 256))]), dtype=torch.float32)
+    assert part[cy, cx]
+    with torch.no_grad():
+        within, _ = decode(sam, emb, pts, torch.ones(1, 1), None, None, True)
+        spilled, _ = decode(alone, emb, pts, torch.ones(1, 1), None, None, True)
+    within, spilled = (postprocess(x, (256, 256))[0].numpy() for x in (within, spilled))
+    assert spilled[1][other].mean() > 0.8 and within[1][other].mean() < 0.02  # the other object: only read alone
+    assert _iou(within[1], part) > 0.9 > _iou(spilled[1], part) + 0.2
+    assert np.array_equal(within[[0, 2]], spilled[[0, 2]])  # the subpart and whole candidates do not change
+
+
+def test_laying_out_any_part_again_changes_no_other_weight():
+    # e.g. the pattern stage of train-tiny sets the gates afresh on weights that have the locality
+    sam, _ = _code_match_pair()
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    for lay_out in (pattern_gates, second_marks, subpart_locality, part_within_whole):
+        lay_out(sam)
+        changed = [k for k, v in sam.state_dict().items() if not torch.equal(v, before[k])]
+        assert not changed, (lay_out.__name__, changed)

@@ -81,6 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "outside; computed, not trained) and the decoder marks those pixels by them, so a region that "
                    "only reaches into a cell is marked there too; and the subpart candidate is switched off far "
                    "from the clicks (a broad positional kernel around each click)")
+    p.add_argument("--part-in-whole", action="store_true",
+                   help="with --code-match-start (or --init weights made with it): the part candidate also needs the "
+                   "clicked whole's mark (it reads the whole's marks too, against a higher bias), so it no longer "
+                   "spills onto parts of other objects that match its code; laid out, not trained")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
@@ -208,6 +212,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.second_codes and args.init is None and not args.code_match_start:
         raise TrimaskError("--second-codes works on the code-match layout; pass --code-match-start, or --init weights "
                            "made with it.")
+    if args.part_in_whole and args.init is None and not args.code_match_start:
+        raise TrimaskError("--part-in-whole works on the code-match layout; pass --code-match-start, or --init weights "
+                           "made with it.")
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
@@ -252,6 +259,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             raise TrimaskError("--second-codes needs a pattern head: pass --pattern-minutes, or --init weights that "
                                "have one.")
         sam, encoder_kwargs = _with_second_codes(sam, encoder_kwargs)
+    if args.part_in_whole:
+        from trimask.training.decoder_start import part_within_whole
+
+        part_within_whole(sam)
     sam.to(device)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
@@ -290,11 +301,13 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         from trimask.training.pattern_pretrain import pretrain_patterns
 
         pattern_gates(sam)  # weights made before the patterns lack the gates; a code-match start has them
+        pattern_scenes_done = _stage_scenes(init_extra, "pattern_pretrain")  # --init's head trains on new scenes
         with tqdm(desc="patterns", unit="step", file=sys.stderr) as bar:
             pattern_summary = pretrain_patterns(
-                sam.image_encoder, functools.partial(_code_scene, base + PATTERN_SCENE_OFFSET),
+                sam.image_encoder, functools.partial(_code_scene, base + PATTERN_SCENE_OFFSET + pattern_scenes_done),
                 steps=10**9, seed=args.seed, batch=args.pattern_batch, workers=args.code_workers,
                 max_seconds=args.pattern_minutes * 60, log=log, progress=bar.update)
+        pattern_summary = {**pattern_summary, "first_scene": pattern_scenes_done}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in pattern_summary.items()}))
     calibration = None
     if args.calibrate_scenes:
@@ -326,6 +339,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "init": str(args.init) if args.init is not None else None,
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
              "mark_strengths": args.mark_strengths, "second_codes": args.second_codes,
+             "part_in_whole": args.part_in_whole,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary,
              "match_calibration": calibration, "read_calibration": reads}
@@ -385,20 +399,28 @@ def _code_scene(first: int, i: int):
     return generate_scene(first + i, varied_aspect=True)
 
 
-def _code_scenes_done(init: Path, record: dict) -> int:
-    """How many code pre-training scenes the runs that made ``init`` (its checkpoint's ``record``) used,
-    summed over the chain of ``init_record``s, so that training its codes on draws new scenes; an error
-    when no run in the chain laid out the code-match decoder."""
-    done, code_match = 0, False
+def _stage_scenes(record: dict, stage: str) -> int:
+    """How many scenes the ``stage`` (``code_pretrain``, ``pattern_pretrain``) of the runs in ``record``'s
+    chain of ``init_record``s drew, so that training on from those weights draws new ones."""
+    done = 0
     while record:
-        code_match = code_match or bool(record.get("code_match_start"))
-        codes = record.get("code_pretrain") or {}
-        done += int(codes.get("scenes", codes.get("steps", 0)))  # runs before --code-batch: a scene a step
+        summary = record.get(stage) or {}
+        done += int(summary.get("scenes", summary.get("steps", 0)))  # code runs before --code-batch: a scene a step
         record = record.get("init_record")
+    return done
+
+
+def _code_scenes_done(init: Path, record: dict) -> int:
+    """How many code pre-training scenes the runs that made ``init`` (its checkpoint's ``record``) used
+    (``_stage_scenes``); an error when no run in the chain laid out the code-match decoder."""
+    chain, code_match = record, False
+    while chain:
+        code_match = code_match or bool(chain.get("code_match_start"))
+        chain = chain.get("init_record")
     if not code_match:
         raise TrimaskError(f"{init} was not made with --code-match-start, so it has no codes to train or match "
                            "thresholds to set.")
-    return done
+    return _stage_scenes(record, "code_pretrain")
 
 
 def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
