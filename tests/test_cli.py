@@ -156,7 +156,10 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch"),
                                          (["--second-codes"], "--code-match-start"),
                                          (["--code-match-start", "--second-codes"], "--pattern-minutes"),
-                                         (["--part-in-whole"], "--code-match-start")])
+                                         (["--part-in-whole"], "--code-match-start"),
+                                         (["--fit-single-scenes", "2"], "--code-match-start"),
+                                         (["--code-match-start", "--fit-single-scenes", "-1"], "--fit-single-scenes"),
+                                         (["--code-match-start", "--fit-single-steps", "0"], "--fit-single-steps")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -312,6 +315,27 @@ def test_train_tiny_keeps_parts_within_wholes_and_trains_patterns_on_new_scenes(
     head = [k for k in bundled if k.startswith("image_encoder.pattern.")]
     assert any(not torch.equal(state[k], bundled[k]) for k in head)
     assert all(torch.equal(state[k], bundled[k]) for k in bundled if k not in head and k != reader)
+
+
+def test_train_tiny_fits_token0_on_given_weights_and_changes_nothing_else(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+
+    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    log = tmp_path / "run.log"
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(BUNDLED_TINY_CHECKPOINT), "--steps", "0",
+                              "--fit-single-scenes", "3", "--fit-single-steps", "4", "--threads", "1",
+                              "--out", str(tmp_path / "f.pt"), "--log", str(log)],
+                   capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "f.pt")
+    fit = extra["single_fit"]
+    assert fit["scenes"] >= 2 and fit["steps"] == 4 and fit["answers"] >= 12
+    assert fit["held_out_loss"][1] <= fit["held_out_loss"][0]  # the start is a candidate: never worse held out
+    assert "single-mask fit" in log.read_text()
+    fitted = {"mask_decoder.output_upscaling.3.weight", "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias"}
+    assert set(state) == set(bundled)
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled if k not in fitted)
 
 
 def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp_path: Path):

@@ -95,6 +95,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "what the single-mask output reads (the previous answer, each level's clicked region, the box) "
                    "on this many uncropped training scenes, by the standard click protocol and tight boxes "
                    "(default 0: keep the start's)")
+    p.add_argument("--fit-single-scenes", type=int, default=0,
+                   help="with --code-match-start (or --init weights made with it): after the reads, fit hidden units of "
+                   "the last upscaling and what the single-mask output reads with SAM's mask loss to its own answers "
+                   "(the standard click protocol and boxes) on this many uncropped training scenes, so corrective "
+                   "clicks follow a learned, nonlinear rule (default 0: keep the rule as it is)")
+    p.add_argument("--fit-single-steps", type=int, default=2000,
+                   help="optimizer steps of that fit, batches of 8 answers (default 2000)")
     p.add_argument("--iou-fit-minutes", type=float, default=0.0,
                    help="last stage: answer simulated prompts on training scenes for this many minutes with the model "
                    "as it is, then fit a fresh IoU head to the actual IoU of each answer (SAM's IoU MSE on the "
@@ -207,8 +214,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-lr must be above 0.")
     if args.code_batch < 1 or args.code_workers < 0:
         raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
-    if args.calibrate_scenes < 0 or args.calibrate_reads < 0:
-        raise TrimaskError("--calibrate-scenes and --calibrate-reads must be 0 or more.")
+    if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
+        raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
+    if args.fit_single_steps < 1:
+        raise TrimaskError("--fit-single-steps must be 1 or more.")
     if args.second_codes and args.init is None and not args.code_match_start:
         raise TrimaskError("--second-codes works on the code-match layout; pass --code-match-start, or --init weights "
                            "made with it.")
@@ -218,11 +227,11 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
-                       or args.pattern_minutes or args.calibrate_reads)
+                       or args.pattern_minutes or args.calibrate_reads or args.fit_single_scenes)
     if code_stages and not args.code_match_start and args.init is None:
-        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes, --calibrate-scenes and "
-                           "--calibrate-reads work on the code-match layout; pass --code-match-start, or --init weights "
-                           "made with it.")
+        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes, --calibrate-scenes, "
+                           "--calibrate-reads and --fit-single-scenes work on the code-match layout; pass "
+                           "--code-match-start, or --init weights made with it.")
     _threads(args.threads)
     import torch
 
@@ -335,6 +344,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             raise TrimaskError(f"--calibrate-reads {args.calibrate_reads}: {exc}; use more scenes.") from exc
         log(f"single-mask reads: {reads['reads']} (mean IoU {reads['start_iou']['mean']:.4f} -> "
             f"{reads['iou']['mean']:.4f} on {reads['targets']} targets, {reads['settings']} settings)")
+    single = None
+    if args.fit_single_scenes:
+        single = _fit_single(sam, base + READ_CALIBRATION_SCENE_OFFSET, args, log)
     extra = {"encoder_kwargs": encoder_kwargs, "similarity_init": args.similarity_init,
              "init": str(args.init) if args.init is not None else None,
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
@@ -342,7 +354,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "part_in_whole": args.part_in_whole,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary,
-             "match_calibration": calibration, "read_calibration": reads}
+             "match_calibration": calibration, "read_calibration": reads, "single_fit": single}
     summary = None
     if cfg.steps:
         with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:
@@ -421,6 +433,26 @@ def _code_scenes_done(init: Path, record: dict) -> int:
         raise TrimaskError(f"{init} was not made with --code-match-start, so it has no codes to train or match "
                            "thresholds to set.")
     return _stage_scenes(record, "code_pretrain")
+
+
+def _fit_single(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
+    """The --fit-single-scenes stage: token 0's answers on the reads' scenes, then the fit; returns its summary."""
+    from tqdm import tqdm
+
+    from trimask.training.scenes import generate_scene
+    from trimask.training.single_fit import collect, fit_single
+
+    with tqdm(desc="single-mask answers", unit="scene", file=sys.stderr) as bar:
+        data = collect(sam, (generate_scene(scene_base + i) for i in range(args.fit_single_scenes)), seed=args.seed,
+                       progress=bar.update)
+    try:
+        with tqdm(total=args.fit_single_steps, desc="single-mask fit", unit="step", file=sys.stderr) as bar:
+            fit = fit_single(sam, data, steps=args.fit_single_steps, seed=args.seed, progress=bar.update)
+    except ValueError as exc:
+        raise TrimaskError(f"--fit-single-scenes {args.fit_single_scenes}: {exc}; use more scenes.") from exc
+    fit["scenes"] = len(data)
+    log("single-mask fit: " + json.dumps(fit))
+    return fit
 
 
 def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:

@@ -36,7 +36,9 @@ fixed channels of the embedding:
 - token 0, the single-mask output, reads the previous answer plus the clicks' regions (so a positive
   click adds its part, a negative one removes its subpart) plus the box mark, with the weights
   ``SINGLE_READ`` (``set_single_read``; ``trimask.training.read_calibration`` chooses them for the codes
-  an encoder has learned);
+  an encoder has learned); the last upscaling's unused channels ``UP_HIDDEN`` can hold hidden units that
+  token 0 also reads, fitted to its answers with SAM's mask loss (``trimask.training.single_fit``), which
+  make that rule nonlinear;
 - the final attention gives the tokens each mark's mean over the image (``AREA``), and the IoU token
   each mark's strength and objectness over the candidate itself (``STRENGTH``), for the IoU head.
 
@@ -157,6 +159,9 @@ FAR = 87
 FAR_GAIN = 0.25  # FAR's size where no click is near
 UP_FAR = (39, 40)  # FAR and its twin in the first upscaling
 UP_LOCAL = (15, 16, 17)  # the 4x grid's subpart mark, second mark and its twin, switched off far from clicks
+# The 4x grid's channels that no layout rule uses: hidden units that token 0 reads, fitted to its answers
+# with SAM's mask loss (``trimask.training.single_fit``); 0 in the start.
+UP_HIDDEN = tuple(range(18, 31))
 LOCAL_GATE = 70.0  # FAR reaches the 4x grid as about 0.1, so a far cell's marks lose about 7
 # Part within its whole (``part_within_whole``): a clicked part's code also matches parts of other objects
 # (measured on learned codes: 98 % of a part candidate's false pixels lie on objects, most of them other
@@ -287,6 +292,20 @@ def set_single_read(sam: Sam, reads: dict[str, float]) -> None:
     out[UP_PREV[0]] = SINGLE_GAIN * reads["prev"] / UNIT_PREV
     out[UP_PREV[1]] = -out[UP_PREV[0]]
     out[UP_CONSTANT] = -SINGLE_GAIN * reads["bias"] / UNIT_CONST
+
+
+def reads_hidden_units(sam: Sam) -> bool:
+    """Whether token 0 reads fitted hidden units (``UP_HIDDEN``): its reads are then fitted, not the rule's."""
+    return bool(_single_reader(sam)[list(UP_HIDDEN)].any())
+
+
+@torch.no_grad()
+def clear_hidden_units(sam: Sam) -> None:
+    """Remove fitted hidden units (``trimask.training.single_fit``): token 0 answers by its linear reads alone."""
+    up2 = sam.mask_decoder.output_upscaling[3]
+    up2.weight[:, list(UP_HIDDEN)] = 0.0
+    up2.bias[list(UP_HIDDEN)] = 0.0
+    _single_reader(sam)[list(UP_HIDDEN)] = 0.0
 
 
 def _single_second_reads(out: torch.Tensor) -> None:
@@ -423,7 +442,8 @@ def second_marks(sam: Sam) -> None:
             out.bias[first] = READ_GAIN * SECOND_READ
             out.bias[twin] = -READ_GAIN * SECOND_READ
     set_match_gains(sam, match_gains(sam))
-    _single_second_reads(_single_reader(sam))
+    if not reads_hidden_units(sam):  # a fitted token 0 keeps the second reads it was fitted with
+        _single_second_reads(_single_reader(sam))
     if float(dec.output_hypernetworks_mlps[2].layers[-1].bias[2]) != 0.0:  # token 2 also reads the whole's marks
         part_within_whole(sam)
 

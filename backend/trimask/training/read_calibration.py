@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trimask.models.sam import Sam
-from trimask.training.decoder_start import SINGLE_READ_CHANNELS, set_single_read, single_read
+from trimask.training.decoder_start import SINGLE_READ_CHANNELS, clear_hidden_units, set_single_read, single_read
 from trimask.training.evaluate import _iou, box_answers, click_answers, clicked_scenes, first_answers, postprocess
 from trimask.training.scenes import Scene
 from trimask.training.trainer import decode
@@ -46,9 +46,11 @@ def calibrate_reads(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     ``scenes`` (up to two clicked instances each, as ``trimask eval`` picks them). Returns the reads
     before and after, the mean IoU of token 0's answers with each (per answer too: clicks 2..5, box),
     the number of targets and of settings measured, and every setting tried with its mean IoU.
-    ``progress(1)`` follows each scene, then each setting of the clicks' reads measured."""
+    ``progress(1)`` follows each scene, then each setting of the clicks' reads measured. Hidden units fitted
+    to token 0 (``trimask.training.single_fit``) are removed first: the search is over the linear rule."""
     progress = progress or (lambda n: None)
     sam.eval()
+    clear_hidden_units(sam)  # the search is over the linear rule (a fitted one is fitted again after it)
     rng = np.random.default_rng(seed)
     cases = []
     for inst, hw, emb in clicked_scenes(sam, scenes, rng):
