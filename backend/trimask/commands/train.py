@@ -96,10 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "on this many uncropped training scenes, by the standard click protocol and tight boxes "
                    "(default 0: keep the start's)")
     p.add_argument("--fit-single-scenes", type=int, default=0,
-                   help="with --code-match-start (or --init weights made with it): after the reads, fit hidden units of "
-                   "the last upscaling and what the single-mask output reads with SAM's mask loss to its own answers "
-                   "(the standard click protocol and boxes) on this many uncropped training scenes, so corrective "
-                   "clicks follow a learned, nonlinear rule (default 0: keep the rule as it is)")
+                   help="after the reads (code-match layout): fit hidden units of the last upscaling, and what the "
+                   "single-mask output reads, to its answers to clicks 2..5 of the standard protocol on this many "
+                   "uncropped training scenes with SAM's mask loss, so that corrective clicks follow a learned, "
+                   "nonlinear rule; a box alone is answered as before (default 0: keep the rule as it is)")
     p.add_argument("--fit-single-steps", type=int, default=2000,
                    help="optimizer steps of that fit, batches of 8 answers (default 2000)")
     p.add_argument("--iou-fit-minutes", type=float, default=0.0,
