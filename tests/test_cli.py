@@ -380,7 +380,8 @@ def test_train_tiny_refits_the_iou_head_of_given_weights_with_mark_strengths(tmp
     assert match_gains(build_sam("tiny", tmp_path / "t.pt")) == match_gains(build_sam("tiny"))
 
 
-def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Path):
+@pytest.mark.parametrize("keep_trunk", [False, True])
+def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Path, keep_trunk: bool):
     import torch
 
     from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
@@ -395,14 +396,19 @@ def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Pa
     assert done > 1000
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
                               "--code-pretrain-steps", "2", "--code-lr", "5e-4", "--calibrate-scenes", "3",
-                              "--out", str(tmp_path / "t.pt")],
+                              "--out", str(tmp_path / "t.pt"), *(["--code-keep-trunk"] if keep_trunk else [])],
                    capture_output=True, text=True, check=True)
     state, extra = read_checkpoint(tmp_path / "t.pt")
     # The codes go on from the scene after the last one the bundled weights saw, at the given rate.
     assert extra["code_pretrain"]["steps"] == 2 and extra["code_pretrain"]["first_scene"] == done
     assert extra["code_pretrain"]["lr"] == 5e-4
+    assert extra["code_pretrain"]["keep_trunk"] is keep_trunk
     encoder = [k for k in bundled if k.startswith("image_encoder.")]
-    assert any(not torch.equal(state[k], bundled[k]) for k in encoder)
+    trunk = [k for k in encoder if k.startswith(("image_encoder.stem.", "image_encoder.local_blocks."))]
+    assert any(not torch.equal(state[k], bundled[k]) for k in set(encoder) - set(trunk))
+    # The trunk, which the pattern head reads, learns too unless it is kept; the pattern head never does.
+    assert all(torch.equal(state[k], bundled[k]) for k in trunk) is keep_trunk
+    assert all(torch.equal(state[k], bundled[k]) for k in encoder if k.startswith("image_encoder.pattern."))
     # The decoder's layout is kept but for the match thresholds, which are chosen anew.
     calibration = extra["match_calibration"]
     assert match_gains(build_sam("tiny", tmp_path / "t.pt")) == pytest.approx(tuple(calibration["gains"]), abs=2e-3)

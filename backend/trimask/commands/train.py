@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-workers", type=int, default=0,
                    help="processes that make the code pre-training's (and the pattern head's) scenes (default 0: the training process "
                    "itself; on a GPU, about the CPU cores less one)")
+    p.add_argument("--code-keep-trunk", action="store_true",
+                   help="in the code pre-training, train only the encoder's context path, fuse and neck: the trunk "
+                   "(stem and local blocks), which an --init pattern head reads, stays as it is, so its patterns do too")
     p.add_argument("--pattern-minutes", type=float, default=0.0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, train the "
                    "encoder's pattern head (which of a cell's 4 x 4 pixels lie outside its region, so masks follow edges "
@@ -295,6 +298,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     code_summary = None
     if args.code_pretrain_steps or args.code_pretrain_minutes:
+        trunk = [p for m in (sam.image_encoder.stem, sam.image_encoder.local_blocks) for p in m.parameters()]
+        if args.code_keep_trunk:
+            for p in trunk:
+                p.requires_grad_(False)
         with tqdm(total=args.code_pretrain_steps or None, desc="codes", unit="step", file=sys.stderr) as bar:
             code_summary = pretrain_codes(
                 sam.image_encoder,
@@ -303,7 +310,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                 seed=args.seed, lr=args.code_lr, batch=args.code_batch, workers=args.code_workers,
                 log=log, progress=bar.update,
                 max_seconds=args.code_pretrain_minutes * 60 if args.code_pretrain_minutes else None)
-        code_summary = {**code_summary, "first_scene": code_scenes_done, "lr": args.code_lr}
+        for p in trunk:
+            p.requires_grad_(True)
+        code_summary = {**code_summary, "first_scene": code_scenes_done, "lr": args.code_lr,
+                        "keep_trunk": args.code_keep_trunk}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in code_summary.items()}))
     pattern_summary = None
     if args.pattern_minutes:
