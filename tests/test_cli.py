@@ -151,6 +151,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--code-lr", "0"], "--code-lr"),
                                          (["--code-match-start", "--code-batch", "0"], "--code-batch"),
                                          (["--code-match-start", "--code-workers", "-1"], "--code-workers"),
+                                         (["--code-match-start", "--code-keep-trunk"], "--code-pretrain-steps"),
                                          (["--pattern-minutes", "1"], "--code-match-start"),
                                          (["--code-match-start", "--pattern-minutes", "-1"], "--pattern-minutes"),
                                          (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch"),

@@ -217,6 +217,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-lr must be above 0.")
     if args.code_batch < 1 or args.code_workers < 0:
         raise TrimaskError("--code-batch must be 1 or more and --code-workers 0 or more.")
+    if args.code_keep_trunk and not (args.code_pretrain_steps or args.code_pretrain_minutes):
+        raise TrimaskError("--code-keep-trunk is for the code pre-training; pass --code-pretrain-steps or "
+                           "--code-pretrain-minutes.")
     if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
         raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
     if args.fit_single_steps < 1:
