@@ -152,6 +152,8 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--code-batch", "0"], "--code-batch"),
                                          (["--code-match-start", "--code-workers", "-1"], "--code-workers"),
                                          (["--code-match-start", "--code-keep-trunk"], "--code-pretrain-steps"),
+                                         (["--keep-trunk"], "--freeze-decoder"),
+                                         (["--freeze-decoder", "--freeze-encoder", "--keep-trunk"], "--freeze-encoder"),
                                          (["--pattern-minutes", "1"], "--code-match-start"),
                                          (["--code-match-start", "--pattern-minutes", "-1"], "--pattern-minutes"),
                                          (["--code-match-start", "--pattern-batch", "0"], "--pattern-batch"),
@@ -419,6 +421,28 @@ def test_train_tiny_trains_the_codes_of_given_weights_on_new_scenes(tmp_path: Pa
     assert all(torch.equal(state[k], bundled[k]) for k in bundled
                if k.startswith(("mask_decoder.", "prompt_encoder.")) and k not in sinks)
     assert extra["init_record"]["code_pretrain"] == bundled_extra["code_pretrain"]
+
+
+def test_train_tiny_keep_trunk_trains_only_the_code_path_through_the_kept_decoder(tmp_path: Path):
+    import torch
+
+    from trimask.commands.train import FROZEN_DECODER, TRUNK
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+
+    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "2", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
+                              "--freeze-decoder", "--keep-trunk", "--coarse-fraction", "0", "--level-curriculum", "0",
+                              "0", "--lr", "1e-3", "--focal-weight", "1", "--code-loss-weight", "1",
+                              "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "t.pt")
+    assert extra["train"]["steps_done"] == 2 and set(TRUNK) <= set(extra["train"]["frozen"])
+    kept = [k for k in bundled if k.startswith(TRUNK + FROZEN_DECODER)]
+    assert any(k.startswith("image_encoder.pattern.") for k in kept)
+    assert all(torch.equal(state[k], bundled[k]) for k in kept)
+    # The code path (context, fuse, neck) learns, and so do the IoU token and head.
+    path = [k for k in bundled if k.startswith(("image_encoder.neck.", "image_encoder.fuse.", "image_encoder.context_blocks."))]
+    assert any(not torch.equal(state[k], bundled[k]) for k in path)
+    assert any(not torch.equal(state[k], bundled[k]) for k in bundled if k.startswith("mask_decoder.iou_prediction_head."))
 
 
 def test_codes_go_on_after_every_scene_of_batched_and_older_runs():

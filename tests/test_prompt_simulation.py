@@ -133,3 +133,50 @@ def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_bac
             x, y = (points[i, -1] / 4).floor().int().tolist()  # 1024 frame -> low-res pixel
             assert predicted[y, x] != full_target[y, x], "the click is on an error of the previous prediction"
             assert int(labels[i, -1]) == int(full_target[y, x])
+
+
+def test_fixed_levels_train_each_candidate_on_its_own_level(monkeypatch):
+    """With ``fixed_levels`` the first click's candidate k is trained on level k of the clicked hierarchy
+    (not on SAM's least-loss assignment), and the next round goes on from the candidate of the level that
+    the interaction refines. Here the first click's candidates are the three levels in reverse order."""
+    import torch
+
+    from trimask.models.build import build_sam
+    from trimask.training import losses, trainer
+
+    masks = [np.zeros((256, 256), bool) for _ in range(3)]
+    masks[2][40:220, 30:230] = True
+    masks[1][60:200, 50:150] = True
+    masks[0][90:130, 80:120] = True
+    targets = torch.from_numpy(np.stack([trainer.low_res_target(m) for m in masks])).float()
+    calls = []
+    real_decode = trainer.decode
+
+    def decode(sam, embedding, points, labels, boxes, mask_input, multimask, image_pe=None):
+        logits, iou = real_decode(sam, embedding, points, labels, boxes, mask_input, multimask, image_pe)
+        if multimask:  # whole, part, subpart
+            logits = logits * 0 + (20 * targets.flip(0) - 10)
+        calls.append((None if mask_input is None else mask_input.clone(), logits.detach(), iou.detach()))
+        return logits, iou
+
+    monkeypatch.setattr(trainer, "decode", decode)
+    torch.manual_seed(0)
+    sam = build_sam("tiny", random_init=True)
+    sample = trainer.Sample(np.zeros((256, 256, 3), np.uint8), [masks, masks])
+    results = {}
+    for fixed in (True, False):
+        calls.clear()
+        cfg = trainer.TrainConfig(rounds=2, box_start_prob=0.0, fixed_levels=fixed)
+        loss, _ = trainer.image_step_loss(sam, torch.randn(1, 256, 64, 64), sample, cfg, np.random.default_rng(0))
+        results[fixed] = float(loss.detach())
+        (_, first, iou1), (prev, second, iou2) = calls
+        n = first.shape[0]
+        if fixed:  # the second round goes on from the candidate of the level it refines, and refines that level
+            level = [next(k for k in range(3) if torch.equal(prev[i, 0], first[i, k])) for i in range(n)]
+            t2 = targets[level]
+            m2 = losses.mask_loss(second[:, 0], t2).mean() + losses.iou_head_loss(iou2[:, 0], second[:, 0], t2)
+            m1 = losses.mask_loss(first.flatten(0, 1), targets.repeat(n, 1, 1)).mean()
+            i1 = losses.iou_head_loss(iou1.flatten(), first.flatten(0, 1), targets.repeat(n, 1, 1))
+            assert results[fixed] == pytest.approx(float((m1 + i1 + m2) / 2), rel=1e-4)
+    # SAM's assignment finds the levels on the reversed candidates; the fixed one trains them on their own
+    assert results[True] > results[False] + 1.0

@@ -12,6 +12,7 @@ from trimask.errors import TrimaskError
 DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt"
 FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
+TRUNK = ("image_encoder.stem.", "image_encoder.local_blocks.", "image_encoder.pattern.")  # what the patterns read
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
 PATTERN_SCENE_OFFSET = 7_000_000  # the pattern head's scenes (--pattern-minutes)
 READ_CALIBRATION_SCENE_OFFSET = 6_000_000  # scenes that choose token 0's reads (--calibrate-reads)
@@ -122,6 +123,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="keep the image encoder as it is (after any code pre-training); with --freeze-decoder only "
                    "the IoU token and the IoU head learn: how to rank a built start's candidates")
+    p.add_argument("--keep-trunk", action="store_true",
+                   help="with --freeze-decoder: also keep the encoder's trunk (stem and local blocks) and its pattern "
+                   "head, so SAM's objectives train only the code path (context, fuse, neck) through the laid-out "
+                   "decoder, and the IoU token and head; the patterns an --init checkpoint has stay valid")
+    p.add_argument("--fixed-levels", action="store_true",
+                   help="train multimask candidate 1 / 2 / 3 on the clicked subpart / part / whole, not on the "
+                   "assignment of the three with the least loss (the code-match layout's tokens read one level each)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from these tiny weights (e.g. the bundled ones, to train them longer) instead of a "
                    "random init; pass --level-curriculum 0 0, as the model already answers every level")
@@ -209,6 +217,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-match-start sets the decoder's start itself; drop --init and --similarity-init.")
     if args.code_loss_weight < 0:
         raise TrimaskError("--code-loss-weight must be 0 or more.")
+    if args.keep_trunk and not (args.freeze_decoder and args.steps and not args.freeze_encoder):
+        raise TrimaskError("--keep-trunk is for SAM's objectives on the encoder through a kept decoder; pass --steps "
+                           "and --freeze-decoder, without --freeze-encoder.")
     if args.freeze_encoder and args.code_loss_weight:
         raise TrimaskError("--code-loss-weight trains the encoder; it cannot be combined with --freeze-encoder.")
     if args.code_pretrain_steps < 0:
@@ -284,8 +295,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                       coarse_steps=int(args.steps * args.coarse_fraction), warmup_steps=min(150, args.steps),
                       window_steps=int(args.steps * args.window_fraction), window_cells=args.window_cells,
                       focal_ramp=tuple(args.focal_ramp), focal_weight=args.focal_weight, level_curriculum=tuple(args.level_curriculum),
-                      code_loss_weight=args.code_loss_weight, frozen=FROZEN_DECODER if args.freeze_decoder else (),
-                      train_encoder=not args.freeze_encoder)
+                      code_loss_weight=args.code_loss_weight, frozen=(FROZEN_DECODER + (TRUNK if args.keep_trunk else ())
+                              if args.freeze_decoder else ()),
+                      train_encoder=not args.freeze_encoder, fixed_levels=args.fixed_levels)
     base = args.seed * TRAIN_SEED_STRIDE
 
     def samples(i: int, rng: np.random.Generator):
@@ -301,7 +313,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
 
     code_summary = None
     if args.code_pretrain_steps or args.code_pretrain_minutes:
-        trunk = [p for m in (sam.image_encoder.stem, sam.image_encoder.local_blocks) for p in m.parameters()]
+        trunk = [p for name, p in sam.named_parameters() if name.startswith(TRUNK)]
         if args.code_keep_trunk:
             for p in trunk:
                 p.requires_grad_(False)

@@ -81,6 +81,9 @@ class TrainConfig:
     # added to SAM's objectives for samples made from generated scenes at the 64 x 64 grid. It keeps
     # the codes of a code-match start apart while SAM's loss trains (0: SAM's objectives alone).
     code_loss_weight: float = 0.0
+    # Train multimask candidate k on level k of a full hierarchy (subpart, part, whole) instead of SAM's
+    # least-loss assignment: for the code-match layout, whose tokens read one level each.
+    fixed_levels: bool = False
 
 
 @dataclass
@@ -320,6 +323,12 @@ def image_step_loss(
             best = per.view(n, -1).argmin(1)
             prev = logits[rows, best][:, None].detach()
             stats["iou_r1_best"] = float(losses.mask_iou(prev[:, 0], level_t).mean())
+        elif multimask and cfg.fixed_levels:
+            # Candidate k is trained on level k (a layout whose tokens are built per level).
+            m_loss = losses.mask_loss(logits.flatten(0, 1), targets.flatten(0, 1)).mean()
+            i_loss = losses.iou_head_loss(iou_pred.flatten(), logits.flatten(0, 1), targets.flatten(0, 1))
+            prev = logits[rows, torch.from_numpy(levels).to(dev)][:, None].detach()
+            stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), targets.flatten(0, 1)).mean())
         elif multimask:
             m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
             # Continue with the candidate matched to each interaction's level.
