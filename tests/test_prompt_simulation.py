@@ -138,7 +138,8 @@ def test_each_round_adds_a_click_on_the_previous_errors_and_feeds_its_logits_bac
 def test_fixed_levels_train_each_candidate_on_its_own_level(monkeypatch):
     """With ``fixed_levels`` the first click's candidate k is trained on level k of the clicked hierarchy
     (not on SAM's least-loss assignment), and the next round goes on from the candidate of the level that
-    the interaction refines. Here the first click's candidates are the three levels in reverse order."""
+    the interaction refines; a click with no subpart (its subpart repeats the part) leaves the subpart
+    candidate out. Here the first click's candidates are the three levels in reverse order."""
     import torch
 
     from trimask.models.build import build_sam
@@ -162,7 +163,8 @@ def test_fixed_levels_train_each_candidate_on_its_own_level(monkeypatch):
     monkeypatch.setattr(trainer, "decode", decode)
     torch.manual_seed(0)
     sam = build_sam("tiny", random_init=True)
-    sample = trainer.Sample(np.zeros((256, 256, 3), np.uint8), [masks, masks])
+    sample = trainer.Sample(np.zeros((256, 256, 3), np.uint8), [masks, [masks[1], masks[1], masks[2]]])
+    group_targets = torch.stack([targets, targets[[1, 1, 2]]])
     results = {}
     for fixed in (True, False):
         calls.clear()
@@ -173,10 +175,11 @@ def test_fixed_levels_train_each_candidate_on_its_own_level(monkeypatch):
         n = first.shape[0]
         if fixed:  # the second round goes on from the candidate of the level it refines, and refines that level
             level = [next(k for k in range(3) if torch.equal(prev[i, 0], first[i, k])) for i in range(n)]
-            t2 = targets[level]
+            t2 = group_targets[torch.arange(n), level]
             m2 = losses.mask_loss(second[:, 0], t2).mean() + losses.iou_head_loss(iou2[:, 0], second[:, 0], t2)
-            m1 = losses.mask_loss(first.flatten(0, 1), targets.repeat(n, 1, 1)).mean()
-            i1 = losses.iou_head_loss(iou1.flatten(), first.flatten(0, 1), targets.repeat(n, 1, 1))
+            per = losses.mask_loss(first.flatten(0, 1), group_targets.flatten(0, 1))
+            m1 = per[[0, 1, 2, 4, 5]].mean()  # not the second click's subpart candidate
+            i1 = losses.iou_head_loss(iou1.flatten(), first.flatten(0, 1), group_targets.flatten(0, 1))
             assert results[fixed] == pytest.approx(float((m1 + i1 + m2) / 2), rel=1e-4)
     # SAM's assignment finds the levels on the reversed candidates; the fixed one trains them on their own
     assert results[True] > results[False] + 1.0

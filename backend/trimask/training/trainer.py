@@ -324,8 +324,13 @@ def image_step_loss(
             prev = logits[rows, best][:, None].detach()
             stats["iou_r1_best"] = float(losses.mask_iou(prev[:, 0], level_t).mean())
         elif multimask and cfg.fixed_levels:
-            # Candidate k is trained on level k (a layout whose tokens are built per level).
-            m_loss = losses.mask_loss(logits.flatten(0, 1), targets.flatten(0, 1)).mean()
+            # Candidate k is trained on level k (a layout whose tokens are built per level); a click with no
+            # subpart (its subpart level repeats the part) leaves the subpart candidate out: that candidate is
+            # kept near the click, and training it on a whole part teaches the codes to spill.
+            per = losses.mask_loss(logits.flatten(0, 1), targets.flatten(0, 1)).view(n, 3)
+            used = torch.ones_like(per, dtype=torch.bool)
+            used[:, 0] = (targets[:, 0] != targets[:, 1]).flatten(1).any(1)
+            m_loss = per[used].mean()
             i_loss = losses.iou_head_loss(iou_pred.flatten(), logits.flatten(0, 1), targets.flatten(0, 1))
             prev = logits[rows, torch.from_numpy(levels).to(dev)][:, None].detach()
             stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), targets.flatten(0, 1)).mean())
