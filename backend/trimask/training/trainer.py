@@ -327,13 +327,14 @@ def image_step_loss(
             # Candidate k is trained on level k (a layout whose tokens are built per level); a click with no
             # subpart (its subpart level repeats the part) leaves the subpart candidate out: that candidate is
             # kept near the click, and training it on a whole part teaches the codes to spill.
-            per = losses.mask_loss(logits.flatten(0, 1), targets.flatten(0, 1)).view(n, 3)
+            flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten(0, 1)
+            per = losses.mask_loss(flat_logits, flat_targets).view(n, 3)
             used = torch.ones_like(per, dtype=torch.bool)
             used[:, 0] = (targets[:, 0] != targets[:, 1]).flatten(1).any(1)
             m_loss = per[used].mean()
-            i_loss = losses.iou_head_loss(iou_pred.flatten(), logits.flatten(0, 1), targets.flatten(0, 1))
+            i_loss = losses.iou_head_loss(iou_pred.flatten(), flat_logits, flat_targets)
             prev = logits[rows, torch.from_numpy(levels).to(dev)][:, None].detach()
-            stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), targets.flatten(0, 1)).mean())
+            stats["iou_r1_matched"] = float(losses.mask_iou(flat_logits, flat_targets).mean())
         elif multimask:
             m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
             # Continue with the candidate matched to each interaction's level.
