@@ -162,7 +162,13 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--part-in-whole"], "--code-match-start"),
                                          (["--fit-single-scenes", "2"], "--code-match-start"),
                                          (["--code-match-start", "--fit-single-scenes", "-1"], "--fit-single-scenes"),
-                                         (["--code-match-start", "--fit-single-steps", "0"], "--fit-single-steps")])
+                                         (["--code-match-start", "--fit-single-steps", "0"], "--fit-single-steps"),
+                                         (["--code-path-steps", "2"], "--code-match-start"),
+                                         (["--code-match-start", "--code-path-steps", "-1"], "--code-path-steps"),
+                                         (["--code-match-start", "--code-path-minutes", "0"], "--code-path-minutes"),
+                                         (["--code-match-start", "--code-path-lr", "0"], "--code-path-lr"),
+                                         (["--code-match-start", "--code-path-levels", "0", "0", "0"],
+                                          "--code-path-levels")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
@@ -443,6 +449,33 @@ def test_train_tiny_keep_trunk_trains_only_the_code_path_through_the_kept_decode
     path = [k for k in bundled if k.startswith(("image_encoder.neck.", "image_encoder.fuse.", "image_encoder.context_blocks."))]
     assert any(not torch.equal(state[k], bundled[k]) for k in path)
     assert any(not torch.equal(state[k], bundled[k]) for k in bundled if k.startswith("mask_decoder.iou_prediction_head."))
+
+
+def test_train_tiny_code_path_trains_only_the_code_path_and_records_its_scenes(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+    from trimask.training.code_path import CODE_PATH
+
+    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
+                              "--code-path-steps", "2", "--code-path-lr", "1e-3", "--code-path-levels", "3", "1", "1",
+                              "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "t.pt")
+    record = extra["code_path"]
+    assert record["steps"] == 2 and record["scenes"] >= 2 and record["first_scene"] == 0
+    assert list(record["config"]["level_weights"]) == [3.0, 1.0, 1.0]
+    path = [k for k in bundled if k.startswith(CODE_PATH)]
+    assert any(not torch.equal(state[k], bundled[k]) for k in path)
+    # The trunk, the pattern head and the whole decoder (the IoU head included) are bit for bit as they were.
+    rest = [k for k in bundled if not k.startswith(CODE_PATH)]
+    assert any(k.startswith("image_encoder.pattern.") for k in rest)
+    assert all(torch.equal(state[k], bundled[k]) for k in rest)
+    # Training on from these weights draws the scenes after them.
+    from trimask.commands.train import _stage_scenes
+
+    assert _stage_scenes({"code_path": record, "init_record": {"code_path": {"scenes": 5}}}, "code_path") == \
+        record["scenes"] + 5
 
 
 def test_codes_go_on_after_every_scene_of_batched_and_older_runs():

@@ -11,7 +11,7 @@ from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder, pretrain_codes, region_code_loss
 from trimask.training.decoder_start import (AREA, CODE, CODE_CHANNELS, FETCH_FREQUENCIES, OBJ, OBJECT_VALUE, STRENGTH,
                                            STRENGTH_OBJECT, ZREF, code_match_start)
-from trimask.training.evaluate import _center, postprocess
+from trimask.training.evaluate import center_point, postprocess
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
 
@@ -46,7 +46,7 @@ def _part_clicks(scene, count: int) -> list[tuple[np.ndarray, np.ndarray, tuple[
         if part.sum() >= 300 and whole.sum() > part.sum() * 1.3:
             found.append((part.sum(), part, whole))
     found.sort(key=lambda t: -t[0])
-    return [(p, w, _center(p)) for _, p, w in found[:count]]
+    return [(p, w, center_point(p)) for _, p, w in found[:count]]
 
 
 def _answers(sam, emb, clicks, multimask=True, labels=None, box=None, mask_input=None) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_each_positive_click_adds_its_object_to_the_single_mask_answer():
     scene = generate_scene(10**9 + 7)
     wholes = [scene.whole_map == w for w in np.unique(scene.whole_map) if w]
     wholes = sorted(wholes, key=lambda m: -m.sum())[:2]
-    first, second = _center(wholes[0]), _center(wholes[1])
+    first, second = center_point(wholes[0]), center_point(wholes[1])
     emb = _oracle_embedding(scene)
     one = _answers(sam, emb, [[first]], multimask=False)[0, 0]
     both = _answers(sam, emb, [[first, second]], multimask=False)[0, 0]
@@ -156,7 +156,7 @@ def test_the_mask_input_alone_comes_back_and_clicks_edit_it():
     # subpart-sized region leaves, the rest stays.
     pid = scene.part_map[int(at[1]), int(at[0])]
     other = max((scene.part_map == q for q in np.unique(scene.part_map[whole]) if q not in (0, pid)), key=np.sum)
-    spot = _center(other)
+    spot = center_point(other)
     unit = _unit_at(scene, spot)
     cut = _answers(sam, emb, [[at, spot]], multimask=False, labels=[[1, 0]], mask_input=whole)[0, 0]
     assert _iou(cut, whole & ~unit) > 0.8
@@ -164,7 +164,7 @@ def test_the_mask_input_alone_comes_back_and_clicks_edit_it():
     # The click's own region as the previous answer and a second positive click on the part
     # outside it: the part.
     start = _unit_at(scene, at)
-    elsewhere = _center(part & ~start)
+    elsewhere = center_point(part & ~start)
     grown = _answers(sam, emb, [[at, elsewhere]], multimask=False, mask_input=start)[0, 0]
     assert _iou(grown, part) > 0.7
     assert _iou(grown, whole) < 0.7
@@ -177,7 +177,7 @@ def test_the_iou_token_learns_how_large_each_answer_is():
     wholes = sorted((scene.whole_map == w for w in np.unique(scene.whole_map) if w), key=np.sum)
     feature = []
     for whole in [*wholes, None]:
-        at = _center(whole) if whole is not None else _center(scene.whole_map == 0)  # None: the background
+        at = center_point(whole) if whole is not None else center_point(scene.whole_map == 0)  # None: the background
         _answers(sam, emb, [[at]])
         feature.append(float(seen["tokens"][0, 0, AREA[2]]))  # the IoU token's whole-mark mean
     assert feature[:-1] == sorted(feature[:-1])  # grows with the whole's area

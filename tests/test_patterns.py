@@ -9,7 +9,7 @@ from trimask.models.tiny_encoder import to_work_size
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder
 from trimask.training.decoder_start import CODE, OBJ, OBJECT_VALUE, PATTERN, UP_PATTERN, ZREF, code_match_start
-from trimask.training.evaluate import _center, postprocess
+from trimask.training.evaluate import center_point, postprocess
 from trimask.training.pattern_pretrain import pattern_loss, pattern_targets, pretrain_patterns
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
@@ -83,7 +83,7 @@ def test_the_gates_change_nothing_without_patterns_and_follow_subparts_with_them
         subs = [m for m in (scene.subpart_map == s for s in np.unique(scene.subpart_map) if s) if m.sum() >= 40]
         if not subs:
             continue
-        pts = torch.tensor(np.stack([to_frame(np.array([_center(m)]), (256, 256)) for m in subs]), dtype=torch.float32)
+        pts = torch.tensor(np.stack([to_frame(np.array([center_point(m)]), (256, 256)) for m in subs]), dtype=torch.float32)
         lbl = torch.ones(len(subs), 1)
         emb = _centre_oracle(scene)
         with_patterns = emb.clone()

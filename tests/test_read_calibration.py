@@ -8,7 +8,7 @@ import torch
 from trimask.models.build import build_sam
 from trimask.preprocess import preprocess
 from trimask.training.decoder_start import SINGLE_READ, code_match_start, set_single_read, single_read
-from trimask.training.evaluate import (_instances, _iou, box_answers, click_answers, clicked_scenes, first_answers,
+from trimask.training.evaluate import (_iou, box_answers, click_answers, click_instances, clicked_scenes, first_answers,
                                        postprocess)
 from trimask.training.read_calibration import MIN_GAIN, _token0, _upscaled, calibrate_reads
 from trimask.training.scenes import generate_scene
@@ -46,7 +46,7 @@ def test_recombined_answers_are_the_decoders():
     sam = _model({"subpart": 2.0, "part": 1.0, "whole": 1.0, "box": 3.0, "prev": 1.5, "bias": 1.0})
     scene = SCENES[1]
     hw = scene.image.shape[:2]
-    targets = [lv for inst in _instances(scene, 2, np.random.default_rng(0)) for lv in inst]
+    targets = [lv for inst in click_instances(scene, 2, np.random.default_rng(0)) for lv in inst]
     emb = sam.image_encoder(preprocess(scene.image))
     first = first_answers(sam, emb, hw, targets)
     decoded = []

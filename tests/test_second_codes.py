@@ -12,7 +12,7 @@ from trimask.training.code_pretrain import prepare_encoder
 from trimask.training.decoder_start import (CODE, PATTERN, READ_BIAS, SECOND, SECOND_MARK, UP_CONSTANT, UP_FAR, UP_LOCAL,
                                             UP_SECOND, code_match_start, part_within_whole,
                                             pattern_gates, second_marks, subpart_locality)
-from trimask.training.evaluate import _center, postprocess
+from trimask.training.evaluate import center_point, postprocess
 from trimask.training.pattern_pretrain import pattern_targets
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
@@ -93,7 +93,7 @@ def test_second_marks_add_the_pixels_a_clicked_region_has_in_cells_centred_elsew
         if not subs:
             continue
         parts = [scene.part_map == scene.part_map[m][0] for m in subs]
-        pts = torch.tensor(np.stack([to_frame(np.array([_center(m)]), (256, 256)) for m in subs]), dtype=torch.float32)
+        pts = torch.tensor(np.stack([to_frame(np.array([center_point(m)]), (256, 256)) for m in subs]), dtype=torch.float32)
         lbl = torch.ones(len(subs), 1)
         second = _with_second_codes(_centre_oracle(scene), scene)
         patterns_only = second.clone()
@@ -121,13 +121,13 @@ def test_the_subpart_candidate_stays_near_the_clicks():
         ungated.mask_decoder.output_upscaling[3].weight[UP_FAR[1], list(UP_LOCAL)] = 0.0
     scene = generate_scene(10**9 + 1)
     sub = min((scene.subpart_map == s for s in np.unique(scene.subpart_map) if s), key=lambda m: abs(int(m.sum()) - 120))
-    cy, cx = (int(round(v)) for v in _center(sub)[::-1])
+    cy, cx = (int(round(v)) for v in center_point(sub)[::-1])
     emb = _with_second_codes(_centre_oracle(scene), scene)
     # A far patch of cells (20 cells away) with the clicked subpart's codes, as learned codes spill.
     code = emb[0, CODE[0][0] : CODE[0][-1] + 1, cy // 4, cx // 4].clone()
     py, px = (cy // 4 + 20) % 64, (cx // 4 + 20) % 64
     emb[0, CODE[0][0] : CODE[0][-1] + 1, py : py + 3, px : px + 3] = code[:, None, None]
-    pts = torch.tensor(np.array([to_frame(np.array([_center(sub)]), (256, 256))]), dtype=torch.float32)
+    pts = torch.tensor(np.array([to_frame(np.array([center_point(sub)]), (256, 256))]), dtype=torch.float32)
     with torch.no_grad():
         near, _ = decode(sam, emb, pts, torch.ones(1, 1), None, None, True)
         both, _ = decode(ungated, emb, pts, torch.ones(1, 1), None, None, True)
@@ -155,7 +155,7 @@ def test_the_part_candidate_stays_within_the_clicked_whole():
     emb = _with_second_codes(_centre_oracle(scene), scene)
     # The clicked part's code written into every cell centred on another object, as learned codes spill.
     centres = torch.from_numpy(other[2::4, 2::4])
-    cy, cx = (int(round(v)) for v in _center(part)[::-1])
+    cy, cx = (int(round(v)) for v in center_point(part)[::-1])
     emb[0, CODE[1][0] : CODE[1][-1] + 1, centres] = emb[0, CODE[1][0] : CODE[1][-1] + 1, cy // 4, cx // 4][:, None]
     pts = torch.tensor(np.array([to_frame(np.array([[cx, cy]]), (256, 256))]), dtype=torch.float32)
     assert part[cy, cx]

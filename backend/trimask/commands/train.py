@@ -13,6 +13,7 @@ DEFAULT_TINY_OUT = Path(__file__).resolve().parent.parent / "weights" / "tiny.pt
 FROZEN_DECODER = ("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
                   "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.mask_tokens.")
 TRUNK = ("image_encoder.stem.", "image_encoder.local_blocks.", "image_encoder.pattern.")  # what the patterns read
+CODE_PATH_SCENE_OFFSET = 3_000_000  # scenes of SAM's objectives on the code path (--code-path-steps/-minutes)
 CODE_SCENE_OFFSET = 5_000_000  # code pre-training scenes: seeds base + this + i, apart from the main run's
 PATTERN_SCENE_OFFSET = 7_000_000  # the pattern head's scenes (--pattern-minutes)
 READ_CALIBRATION_SCENE_OFFSET = 6_000_000  # scenes that choose token 0's reads (--calibrate-reads)
@@ -79,6 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "encoder's pattern head (which of a cell's 4 x 4 pixels lie outside its region, so masks follow edges "
                    "inside a cell) for this many minutes, the rest of the encoder frozen (default 0: none)")
     p.add_argument("--pattern-batch", type=int, default=4, help="scenes per step of the pattern head (default 4)")
+    p.add_argument("--code-path-steps", type=int, default=0,
+                   help="with --code-match-start (or --init weights made with it): after the pattern head, train the "
+                   "encoder's code path (context, fuse, neck; not the trunk, the pattern head or the decoder) with "
+                   "SAM's mask loss through the laid-out decoder for up to this many scenes: each first click's "
+                   "three candidates on its subpart, part and whole, a box and a second click (default 0: none)")
+    p.add_argument("--code-path-minutes", type=float, default=None,
+                   help="stop that stage after this many minutes (alone, it sets no step limit)")
+    p.add_argument("--code-path-lr", type=float, default=2e-4, help="its peak learning rate (default 2e-4)")
+    p.add_argument("--code-path-levels", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SUB", "PART", "WHOLE"),
+                   help="its weights of the first click's subpart, part and whole candidates (default 1 1 1)")
     p.add_argument("--second-codes", action="store_true",
                    help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
                    "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
@@ -231,6 +242,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.code_keep_trunk and not (args.code_pretrain_steps or args.code_pretrain_minutes):
         raise TrimaskError("--code-keep-trunk is for the code pre-training; pass --code-pretrain-steps or "
                            "--code-pretrain-minutes.")
+    if args.code_path_steps < 0 or (args.code_path_minutes is not None and args.code_path_minutes <= 0):
+        raise TrimaskError("--code-path-steps must be 0 or more and --code-path-minutes above 0.")
+    if args.code_path_lr <= 0 or min(args.code_path_levels) < 0 or not any(args.code_path_levels):
+        raise TrimaskError("--code-path-lr must be above 0, and --code-path-levels 0 or more, not all 0.")
     if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
         raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
     if args.fit_single_steps < 1:
@@ -243,12 +258,13 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                            "made with it.")
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
+    code_path = bool(args.code_path_steps or args.code_path_minutes)
     code_stages = bool(args.code_pretrain_steps or args.code_pretrain_minutes or args.calibrate_scenes
-                       or args.pattern_minutes or args.calibrate_reads or args.fit_single_scenes)
+                       or args.pattern_minutes or args.calibrate_reads or args.fit_single_scenes or code_path)
     if code_stages and not args.code_match_start and args.init is None:
-        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes, --calibrate-scenes, "
-                           "--calibrate-reads and --fit-single-scenes work on the code-match layout; pass "
-                           "--code-match-start, or --init weights made with it.")
+        raise TrimaskError("--code-pretrain-steps, --code-pretrain-minutes, --pattern-minutes, --code-path-steps, "
+                           "--code-path-minutes, --calibrate-scenes, --calibrate-reads and --fit-single-scenes work on "
+                           "the code-match layout; pass --code-match-start, or --init weights made with it.")
     _threads(args.threads)
     import torch
 
@@ -343,6 +359,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                 max_seconds=args.pattern_minutes * 60, log=log, progress=bar.update)
         pattern_summary = {**pattern_summary, "first_scene": pattern_scenes_done}
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in pattern_summary.items()}))
+    path_summary = None
+    if code_path:
+        path_summary = _train_code_path(sam, base + CODE_PATH_SCENE_OFFSET, _stage_scenes(init_extra, "code_path"),
+                                        args, log)
     calibration = None
     if args.calibrate_scenes:
         from trimask.training.match_calibration import calibrate_match
@@ -378,7 +398,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "mark_strengths": args.mark_strengths, "second_codes": args.second_codes,
              "part_in_whole": args.part_in_whole,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
-             "pattern_pretrain": pattern_summary,
+             "pattern_pretrain": pattern_summary, "code_path": path_summary,
              "match_calibration": calibration, "read_calibration": reads, "single_fit": single}
     summary = None
     if cfg.steps:
@@ -458,6 +478,23 @@ def _code_scenes_done(init: Path, record: dict) -> int:
         raise TrimaskError(f"{init} was not made with --code-match-start, so it has no codes to train or match "
                            "thresholds to set.")
     return _stage_scenes(record, "code_pretrain")
+
+
+def _train_code_path(sam, scene_base: int, done: int, args: argparse.Namespace, log) -> dict:
+    """The --code-path-steps / --code-path-minutes stage on scenes ``scene_base + done`` on (``done``: the scenes the
+    --init weights' runs drew in it); returns its summary."""
+    from tqdm import tqdm
+
+    from trimask.training.code_path import CodePathConfig, train_code_path
+
+    cfg = CodePathConfig(lr=args.code_path_lr, level_weights=tuple(args.code_path_levels))
+    with tqdm(total=args.code_path_steps or None, desc="code path", unit="step", file=sys.stderr) as bar:
+        summary = train_code_path(sam, functools.partial(_code_scene, scene_base + done), cfg,
+                                  steps=args.code_path_steps or 10**9, seed=args.seed, log=log, progress=bar.update,
+                                  max_seconds=args.code_path_minutes * 60 if args.code_path_minutes else None)
+    summary["first_scene"] = done
+    log("code path: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    return summary
 
 
 def _fit_single(sam, scene_base: int, args: argparse.Namespace, log) -> dict:

@@ -51,13 +51,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _center(mask: np.ndarray) -> tuple[float, float]:
+def center_point(mask: np.ndarray) -> tuple[float, float]:
     hit = center_of_largest_error(np.zeros_like(mask), mask)
     assert hit is not None
     return hit[0]
 
 
-def _instances(scene: Scene, limit: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def click_instances(scene: Scene, limit: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Up to ``limit`` (subpart, part, whole) triples with strictly growing areas."""
     out = []
     ids = scene.subpart_ids()
@@ -81,7 +81,7 @@ def clicked_scenes(sam: Sam, scenes: Iterable[Scene], rng: np.random.Generator, 
     (subpart, part, whole) triples, its image size and the embedding of its image."""
     device = next(sam.parameters()).device
     for scene in scenes:
-        inst = _instances(scene, limit, rng)
+        inst = click_instances(scene, limit, rng)
         if inst:
             yield inst, scene.image.shape[:2], sam.image_encoder(preprocess(scene.image).to(device))
 
@@ -90,14 +90,14 @@ def clicked_scenes(sam: Sam, scenes: Iterable[Scene], rng: np.random.Generator, 
 def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: int = 0) -> dict[str, list[float]]:
     """Per-click measurements on one scene (lists, to be averaged over scenes)."""
     rng = np.random.default_rng(seed)
-    inst = _instances(scene, clicks_per_scene, rng)
+    inst = click_instances(scene, clicks_per_scene, rng)
     res: dict[str, list[float]] = {k: [] for k in _metric_names()}
     if not inst:
         return res
     hw = scene.image.shape[:2]
     emb = sam.image_encoder(preprocess(scene.image))
     # Single click at each subpart's centre: the three candidates.
-    pts = torch.tensor(np.stack([to_frame(np.array([_center(s)]), hw) for s, _, _ in inst]), dtype=torch.float32)
+    pts = torch.tensor(np.stack([to_frame(np.array([center_point(s)]), hw) for s, _, _ in inst]), dtype=torch.float32)
     lbl = torch.ones(len(inst), 1)
     logits, iou_pred = decode(sam, emb, pts, lbl, None, None, True)
     cands = postprocess(logits, hw).numpy()
@@ -130,7 +130,7 @@ def box_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[
 def first_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray]) -> torch.Tensor:
     """The protocol's first click, at each target's centre: the logits of the candidate the IoU head
     ranks first (``N x 1 x 256 x 256``)."""
-    pts = torch.tensor(np.stack([to_frame(np.array([_center(t)]), hw) for t in targets]),
+    pts = torch.tensor(np.stack([to_frame(np.array([center_point(t)]), hw) for t in targets]),
                        dtype=torch.float32, device=emb.device)
     logits, iou_pred = decode(sam, emb, pts, torch.ones(len(targets), 1, device=emb.device), None, None, True)
     return logits[torch.arange(len(targets)), iou_pred.argmax(1)][:, None]
@@ -147,7 +147,7 @@ def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: lis
     ``answer(click, points, labels, previous logits)`` gives a click's logits in place of the decoder."""
     if answer is None:
         answer = lambda click, pt, lb, prev: decode(sam, emb, pt, lb, None, prev, False)[0]  # noqa: E731
-    points: list[list[tuple[float, float]]] = [[_center(t)] for t in targets]
+    points: list[list[tuple[float, float]]] = [[center_point(t)] for t in targets]
     labels: list[list[int]] = [[1] for _ in targets]
     prev, out = first, []
     for click in range(1, clicks + 1):

@@ -25,7 +25,7 @@ import torch
 
 from trimask.models.sam import Sam
 from trimask.training.decoder_start import set_match_gains
-from trimask.training.evaluate import _center, _iou, clicked_scenes, postprocess
+from trimask.training.evaluate import _iou, center_point, clicked_scenes, postprocess
 from trimask.training.scenes import LEVELS, Scene
 from trimask.training.trainer import decode, to_frame
 
@@ -47,7 +47,7 @@ def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     clicks = 0
     sam.eval()
     for inst, hw, emb in clicked_scenes(sam, scenes, rng):
-        pts = torch.tensor(np.stack([to_frame(np.array([_center(s)]), hw) for s, _, _ in inst]),
+        pts = torch.tensor(np.stack([to_frame(np.array([center_point(s)]), hw) for s, _, _ in inst]),
                            dtype=torch.float32, device=device)
         lbl = torch.ones(len(inst), 1, device=device)
         for g, gain in enumerate(grid):
