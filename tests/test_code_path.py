@@ -22,11 +22,13 @@ def bundled():
         return sam, scene, sam.image_encoder(preprocess(scene.image))
 
 
-def _first_click_only(weights) -> CodePathConfig:
-    return CodePathConfig(center_prob=1.0, level_weights=weights, box_weight=0.0, click_weight=0.0, code_weight=0.0)
+def _first_click_only(weights, scale: float = 1.0) -> CodePathConfig:
+    return CodePathConfig(center_prob=1.0, level_weights=weights, box_weight=0.0, click_weight=0.0, code_weight=0.0,
+                          logit_scale=scale)
 
 
-def test_each_first_click_candidate_is_trained_on_its_own_level(bundled):
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_each_first_click_candidate_is_trained_on_its_own_level(bundled, scale: float):
     sam, scene, emb = bundled
     # The candidates recomputed by hand: the clicks at the centres of the subparts eval would pick.
     inst = click_instances(scene, 4, np.random.default_rng(5))
@@ -37,14 +39,14 @@ def test_each_first_click_candidate_is_trained_on_its_own_level(bundled):
         for k in range(3):
             weights = [0.0, 0.0, 0.0]
             weights[k] = 1.0
-            loss, _ = scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only(tuple(weights)))
+            loss, _ = scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only(tuple(weights), scale))
             target = torch.from_numpy(np.stack([low_res_target(levels[k]) for levels in inst])).float()
             with losses.focal_weight(1.0):
-                expected = losses.mask_loss(logits[:, k], target).mean()
+                expected = losses.mask_loss(scale * logits[:, k], target).mean()
             # The weighted mean runs over every (instance, candidate) pair, hence the 3.
             assert float(loss) * 3 == pytest.approx(float(expected), rel=1e-5)
         # The weights scale each level's term: (3, 1, 1) is three of the first plus the others.
-        parts = [float(scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only(w))[0])
+        parts = [float(scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only(w, scale))[0])
                  for w in ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0), (3.0, 1.0, 1.0))]
     assert parts[2] == pytest.approx(3 * parts[0] + parts[1], rel=1e-5)
     # The levels differ, so a mismatch of candidate and level could not pass the checks above.
@@ -65,3 +67,12 @@ def test_a_scene_without_a_subpart_to_click_gives_no_loss(bundled):
     empty = next(s for s in (generate_scene(3_000_000 + i) for i in range(200))
                  if not click_instances(s, 4, np.random.default_rng(0)))
     assert scene_loss(sam, emb, empty, np.random.default_rng(0), CodePathConfig()) is None
+
+
+def test_sharpened_logits_make_the_subparts_loss_follow_their_masks(bundled):
+    """The layout's soft logits leave a small region's soft dice near 1 (about its IoU's complement once sharpened)."""
+    sam, scene, emb = bundled
+    with torch.no_grad():
+        soft = scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only((1.0, 0.0, 0.0)))[1]
+        sharp = scene_loss(sam, emb, scene, np.random.default_rng(5), _first_click_only((1.0, 0.0, 0.0), 4.0))[1]
+    assert soft["first_subpart"] > 0.8 and sharp["first_subpart"] < 0.5

@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-path-lr", type=float, default=2e-4, help="its peak learning rate (default 2e-4)")
     p.add_argument("--code-path-levels", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SUB", "PART", "WHOLE"),
                    help="its weights of the first click's subpart, part and whole candidates (default 1 1 1)")
+    p.add_argument("--code-path-logit-scale", type=float, default=1.0,
+                   help="its losses see the logits times this (the layout's are soft, so the soft dice of a small "
+                   "region hardly follows its IoU; default 1)")
     p.add_argument("--second-codes", action="store_true",
                    help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
                    "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
@@ -244,8 +247,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                            "--code-pretrain-minutes.")
     if args.code_path_steps < 0 or (args.code_path_minutes is not None and args.code_path_minutes <= 0):
         raise TrimaskError("--code-path-steps must be 0 or more and --code-path-minutes above 0.")
-    if args.code_path_lr <= 0 or min(args.code_path_levels) < 0 or not any(args.code_path_levels):
-        raise TrimaskError("--code-path-lr must be above 0, and --code-path-levels 0 or more, not all 0.")
+    if args.code_path_lr <= 0 or args.code_path_logit_scale <= 0:
+        raise TrimaskError("--code-path-lr and --code-path-logit-scale must be above 0.")
+    if min(args.code_path_levels) < 0 or not any(args.code_path_levels):
+        raise TrimaskError("--code-path-levels must be 0 or more, not all 0.")
     if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
         raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
     if args.fit_single_steps < 1:
@@ -487,7 +492,8 @@ def _train_code_path(sam, scene_base: int, done: int, args: argparse.Namespace, 
 
     from trimask.training.code_path import CodePathConfig, train_code_path
 
-    cfg = CodePathConfig(lr=args.code_path_lr, level_weights=tuple(args.code_path_levels))
+    cfg = CodePathConfig(lr=args.code_path_lr, level_weights=tuple(args.code_path_levels),
+                         logit_scale=args.code_path_logit_scale)
     with tqdm(total=args.code_path_steps or None, desc="code path", unit="step", file=sys.stderr) as bar:
         summary = train_code_path(sam, functools.partial(_code_scene, scene_base + done), cfg,
                                   steps=args.code_path_steps or 10**9, seed=args.seed, log=log, progress=bar.update,

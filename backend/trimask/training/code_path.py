@@ -15,7 +15,8 @@ meaning hold. Per generated scene (cropped as in training):
   which is fed back as ``mask_input``) train the single-mask output;
 - the region-code loss keeps the codes apart beside it.
 
-SAM's mask loss (focal + dice, the focal term weighted ``focal_weight``), AdamW, linear warm-up and
+SAM's mask loss (focal + dice, the focal term weighted ``focal_weight``) on the logits times
+``logit_scale``, AdamW, linear warm-up and
 a cosine decay over the step or time budget, gradients clipped at norm 1. No IoU loss: the IoU head
 is fitted afterwards to the answers the new codes give (``iou_fit``).
 """
@@ -54,6 +55,11 @@ class CodePathConfig:
     click_weight: float = 1.0  # the second click's
     code_weight: float = 1.0  # the region-code loss's
     focal_weight: float = 1.0
+    # The losses see the logits times this. The layout's logits are soft (a subpart candidate's median is about
+    # +1 inside and -2 outside), so over a 256 x 256 frame the soft dice of a small region is near 1 whatever
+    # its IoU, and its gradient lowers the background's probability instead of moving the edges; sharpened,
+    # the loss follows the mask the decoder gives at 0.
+    logit_scale: float = 1.0
 
 
 def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
@@ -70,9 +76,9 @@ def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.G
     targets = torch.from_numpy(np.stack([np.stack([low_res_target(m) for m in levels]) for levels in inst])).float().to(dev)
     weights = torch.tensor(cfg.level_weights, dtype=torch.float32, device=dev)
     with losses.focal_weight(cfg.focal_weight):
-        per_level = losses.mask_loss(logits.flatten(0, 1), targets.flatten(0, 1)).view(-1, 3)
+        per_level = losses.mask_loss(cfg.logit_scale * logits.flatten(0, 1), targets.flatten(0, 1)).view(-1, 3)
         loss = (per_level * weights).mean()
-        stats = {f"first_{name}": float(per_level[:, k].mean()) for k, name in enumerate(("subpart", "part", "whole"))}
+        stats = {f"first_{name}": float(per_level[:, k].detach().mean()) for k, name in enumerate(("subpart", "part", "whole"))}
         # One level of each instance for the box and the second click.
         level = rng.integers(3, size=len(inst))
         rows = torch.arange(len(inst), device=dev)
@@ -83,9 +89,9 @@ def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.G
                               for m in chosen])
             box_logits, _ = decode(sam, embedding, None, None, torch.tensor(boxes, dtype=torch.float32, device=dev),
                                    None, False)
-            box_loss = losses.mask_loss(box_logits[:, 0], chosen_t).mean()
+            box_loss = losses.mask_loss(cfg.logit_scale * box_logits[:, 0], chosen_t).mean()
             loss = loss + cfg.box_weight * box_loss
-            stats["box"] = float(box_loss)
+            stats["box"] = float(box_loss.detach())
         if cfg.click_weight:
             prev = logits.detach()[rows, torch.from_numpy(level).to(dev)][:, None]
             answers = postprocess(prev, hw)[:, 0].cpu().numpy()
@@ -96,9 +102,9 @@ def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.G
                 labels.append([1, nxt[1]])
             second, _ = decode(sam, embedding, torch.tensor(np.stack(points), dtype=torch.float32, device=dev),
                                torch.tensor(labels, dtype=torch.float32, device=dev), None, prev, False)
-            click_loss = losses.mask_loss(second[:, 0], chosen_t).mean()
+            click_loss = losses.mask_loss(cfg.logit_scale * second[:, 0], chosen_t).mean()
             loss = loss + cfg.click_weight * click_loss
-            stats["second_click"] = float(click_loss)
+            stats["second_click"] = float(click_loss.detach())
     if cfg.code_weight:
         code, _ = region_code_loss(embedding, scene, rng)
         loss = loss + cfg.code_weight * code
