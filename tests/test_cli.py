@@ -147,6 +147,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--calibrate-reads", "-1"], "--calibrate-reads"),
                                          (["--steps", "-1"], "--steps"),
                                          (["--iou-fit-minutes", "-1"], "--iou-fit-minutes"),
+                                         (["--iou-fit-scenes", "-1"], "--iou-fit-scenes"),
                                          (["--mark-strengths"], "--init"),
                                          (["--code-match-start", "--code-lr", "0"], "--code-lr"),
                                          (["--code-match-start", "--code-batch", "0"], "--code-batch"),
@@ -457,13 +458,17 @@ def test_train_tiny_code_path_trains_only_the_code_path_and_records_its_scenes(t
     from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
     from trimask.training.code_path import CODE_PATH
 
-    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    from trimask.commands.train import _stage_scenes
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
                               "--code-path-steps", "2", "--code-path-lr", "1e-3", "--code-path-levels", "3", "1", "1",
                               "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
     state, extra = read_checkpoint(tmp_path / "t.pt")
     record = extra["code_path"]
-    assert record["steps"] == 2 and record["scenes"] >= 2 and record["first_scene"] == 0
+    # The bundled weights were made with this stage: it goes on after the scenes their runs drew.
+    assert _stage_scenes(bundled_extra, "code_path") > 0
+    assert record["steps"] == 2 and record["scenes"] >= 2 and record["first_scene"] == _stage_scenes(bundled_extra, "code_path")
     assert list(record["config"]["level_weights"]) == [3.0, 1.0, 1.0]
     path = [k for k in bundled if k.startswith(CODE_PATH)]
     assert any(not torch.equal(state[k], bundled[k]) for k in path)
@@ -472,10 +477,24 @@ def test_train_tiny_code_path_trains_only_the_code_path_and_records_its_scenes(t
     assert any(k.startswith("image_encoder.pattern.") for k in rest)
     assert all(torch.equal(state[k], bundled[k]) for k in rest)
     # Training on from these weights draws the scenes after them.
-    from trimask.commands.train import _stage_scenes
-
     assert _stage_scenes({"code_path": record, "init_record": {"code_path": {"scenes": 5}}}, "code_path") == \
         record["scenes"] + 5
+
+
+def test_iou_fit_scenes_fits_a_fresh_head_on_exactly_that_many_scenes(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+
+    bundled, _ = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
+                              "--iou-fit-scenes", "2", "--out", str(tmp_path / "t.pt")],
+                   capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "t.pt")
+    assert extra["iou_fit"]["scenes"] == 2 and extra["iou_fit"]["answers"] >= 2
+    head = [k for k in bundled if k.startswith("mask_decoder.iou_prediction_head.")]
+    assert any(not torch.equal(state[k], bundled[k]) for k in head)
+    assert all(torch.equal(state[k], bundled[k]) for k in bundled if k not in head)
 
 
 def test_codes_go_on_after_every_scene_of_batched_and_older_runs():

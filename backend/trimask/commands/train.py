@@ -83,16 +83,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-path-steps", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after the pattern head, train the "
                    "encoder's code path (context, fuse, neck; not the trunk, the pattern head or the decoder) with "
-                   "SAM's mask loss through the laid-out decoder for up to this many scenes: each first click's "
+                   "SAM's mask loss through the laid-out decoder for up to this many steps (a scene each): each first click's "
                    "three candidates on its subpart, part and whole, a box and a second click (default 0: none)")
     p.add_argument("--code-path-minutes", type=float, default=None,
                    help="stop that stage after this many minutes (alone, it sets no step limit)")
     p.add_argument("--code-path-lr", type=float, default=2e-4, help="its peak learning rate (default 2e-4)")
     p.add_argument("--code-path-levels", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SUB", "PART", "WHOLE"),
                    help="its weights of the first click's subpart, part and whole candidates (default 1 1 1)")
-    p.add_argument("--code-path-logit-scale", type=float, default=1.0,
-                   help="its losses see the logits times this (the layout's are soft, so the soft dice of a small "
-                   "region hardly follows its IoU; default 1)")
+    p.add_argument("--code-path-logit-scale", type=float, default=4.0,
+                   help="its losses see the logits times this (the layout's are soft, so unsharpened, the soft dice of "
+                   "a small region hardly follows its IoU; default 4)")
     p.add_argument("--second-codes", action="store_true",
                    help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
                    "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
@@ -124,6 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="last stage: answer simulated prompts on training scenes for this many minutes with the model "
                    "as it is, then fit a fresh IoU head to the actual IoU of each answer (SAM's IoU MSE on the "
                    "frozen IoU token's states; a held-out fifth picks the stopping step); default 0: none")
+    p.add_argument("--iou-fit-scenes", type=int, default=0,
+                   help="answer prompts on at most this many scenes for that fit (with --iou-fit-minutes, whichever "
+                   "ends first; alone, no time limit): the same scenes, so the same head, on any machine")
     p.add_argument("--mark-strengths", action="store_true",
                    help="with --init weights of the code-match layout made before its IoU token gathered each mark's "
                    "strength (heads 0..3 of the final attention): lay those heads out (the masks do not change); "
@@ -216,8 +219,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--seed must be between 0 and 99 so training scenes stay apart from the held-out ones.")
     if args.steps < 0:
         raise TrimaskError("--steps must be 0 or more.")
-    if args.iou_fit_minutes < 0:
-        raise TrimaskError("--iou-fit-minutes must be 0 or more.")
+    if args.iou_fit_minutes < 0 or args.iou_fit_scenes < 0:
+        raise TrimaskError("--iou-fit-minutes and --iou-fit-scenes must be 0 or more.")
     if args.mark_strengths and args.init is None:
         raise TrimaskError("--mark-strengths adds to --init weights (--code-match-start lays the heads out itself); "
                            "pass --init.")
@@ -412,9 +415,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
                             progress=bar.update, max_seconds=args.minutes * 60 if args.minutes else None)
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
         extra = {**extra, "train": summary["record"]}
-    if args.iou_fit_minutes:
+    iou_fit = bool(args.iou_fit_minutes or args.iou_fit_scenes)
+    if iou_fit:
         extra = {**extra, "iou_fit": _fit_iou_head(sam, base + IOU_FIT_SCENE_OFFSET, args, log)}
-    if summary is None or args.iou_fit_minutes:
+    if summary is None or iou_fit:
         save_checkpoint(sam, args.out, extra)
     done = f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min" if summary else "no steps of SAM's objectives"
     print(f"wrote {args.out} after {done}")
@@ -532,9 +536,10 @@ def _fit_iou_head(sam, scene_base: int, args: argparse.Namespace, log) -> dict:
 
     head = sam.mask_decoder.iou_prediction_head
     _reinit(head)
-    scenes = (generate_scene(scene_base + i, varied_aspect=True) for i in range(10**7))
-    with tqdm(desc="iou-fit answers", unit="scene", file=sys.stderr) as bar:
-        answers = collect_answers(sam, scenes, seed=args.seed, max_seconds=args.iou_fit_minutes * 60, progress=bar.update)
+    scenes = (generate_scene(scene_base + i, varied_aspect=True) for i in range(args.iou_fit_scenes or 10**7))
+    with tqdm(total=args.iou_fit_scenes or None, desc="iou-fit answers", unit="scene", file=sys.stderr) as bar:
+        answers = collect_answers(sam, scenes, seed=args.seed, max_seconds=args.iou_fit_minutes * 60 or None,
+                                  progress=bar.update)
     fit = fit_iou_head(head, answers, seed=args.seed)
     fit["scenes"] = answers["scenes"]
     log("iou head fitted: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in fit.items()}))

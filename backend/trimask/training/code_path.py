@@ -59,7 +59,7 @@ class CodePathConfig:
     # +1 inside and -2 outside), so over a 256 x 256 frame the soft dice of a small region is near 1 whatever
     # its IoU, and its gradient lowers the background's probability instead of moving the edges; sharpened,
     # the loss follows the mask the decoder gives at 0.
-    logit_scale: float = 1.0
+    logit_scale: float = 4.0
 
 
 def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
