@@ -244,9 +244,12 @@ def test_train_tiny_adds_a_pattern_head_to_given_weights_and_keeps_the_rest(tmp_
     sam = build_sam("tiny", tmp_path / "p.pt")
     assert sam.image_encoder.pattern is not None
     with torch.no_grad():
-        emb = sam.image_encoder(preprocess(generate_scene(3).image))
-    patterns = emb[0, PATTERN[0][0] : PATTERN[2][-1] + 1]
-    assert float(patterns.min()) >= 0.0 and float(patterns.max()) < 1.0  # (0 until the head is sure)
+        image = preprocess(generate_scene(3).image)
+        emb = sam.image_encoder(image)
+        without = build_sam("tiny", start).image_encoder(image)  # what the rest of the encoder writes there
+    channels = slice(PATTERN[0][0], PATTERN[2][-1] + 1)
+    patterns = emb[0, channels] - without[0, channels]
+    assert float(patterns.min()) >= -1e-5 and float(patterns.max()) < 1.0  # (0 until the head is sure)
     # The decoder reads them: its first upscaling conv takes each pattern channel (pattern_gates).
     up1 = sam.mask_decoder.output_upscaling[0].weight
     assert all(float(up1[c].abs().sum()) > 0 for level in PATTERN for c in level)

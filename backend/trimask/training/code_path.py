@@ -37,7 +37,7 @@ from trimask.training.code_pretrain import region_code_loss
 from trimask.training.evaluate import center_point, click_instances, postprocess
 from trimask.training.prompt_simulation import center_of_largest_error, noisy_box, sample_point_in
 from trimask.training.scenes import Scene
-from trimask.training.trainer import decode, low_res_target, to_frame
+from trimask.training.trainer import decode, low_res_target, optimizer_step, to_frame
 
 # What learns: the encoder's code path. Everything else of the model stays (see the module's docstring).
 CODE_PATH = ("image_encoder.down1.", "image_encoder.down2.", "image_encoder.context_blocks.",
@@ -156,14 +156,8 @@ def train_code_path(
             warm = min(1.0, (done + 1) / cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            stats["loss"] = float(loss.detach())
+            optimizer_step(opt, params, loss, stats, ema, keep=0.98)
             first_loss = stats["loss"] if first_loss is None else first_loss
-            for k, v in stats.items():
-                ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
             done += 1
             if progress:
                 progress(1)

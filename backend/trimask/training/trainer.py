@@ -390,6 +390,20 @@ def focal_weight_at(frac: float, cfg: TrainConfig) -> float:
     return cfg.focal_weight * min(1.0, max(0.0, (frac - lo) / (hi - lo)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor,
+                   stats: dict[str, float], ema: dict[str, float], *, keep: float) -> None:
+    """One step on ``loss`` (gradients clipped at norm 1; none when nothing in it learns); ``stats`` gets the
+    loss, and ``ema`` every stat smoothed (``keep`` of the old value a step)."""
+    opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    stats["loss"] = float(loss.detach())
+    for k, v in stats.items():
+        ema[k] = v if k not in ema else keep * ema[k] + (1 - keep) * v
+
+
 def save_checkpoint(sam: Sam, path: Path, extra: dict, *, half: bool = True) -> None:
     """Write ``{"model": state dict, ...extra}`` atomically, on the CPU; fp16 by default (keeps tiny under 15 MB)."""
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in sam.state_dict().items()}
@@ -490,15 +504,8 @@ def train(
                     st = {**st, "code": float(code.detach())}
                 loss = loss + part / len(batch)
                 step_stats.update(st)
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        step_stats["loss"] = float(loss.detach())
+        optimizer_step(opt, params, loss, step_stats, ema, keep=0.95)
         first_loss = step_stats["loss"] if first_loss is None else first_loss
-        for k, v in step_stats.items():
-            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
         done = step + 1
         if progress:
             progress(1)
