@@ -168,6 +168,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--code-match-start", "--code-path-steps", "-1"], "--code-path-steps"),
                                          (["--code-match-start", "--code-path-minutes", "0"], "--code-path-minutes"),
                                          (["--code-match-start", "--code-path-lr", "0"], "--code-path-lr"),
+                                         (["--code-match-start", "--code-path-rounds", "-1"], "--code-path-rounds"),
                                          (["--code-match-start", "--code-path-levels", "0", "0", "0"],
                                           "--code-path-levels")])
 def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list[str], named: str):

@@ -62,6 +62,23 @@ def test_box_second_click_and_codes_add_their_losses(bundled):
     assert all(v > 0 for v in stats.values())
 
 
+def test_corrective_rounds_follow_the_protocol_and_share_the_click_weight(bundled):
+    sam, scene, emb = bundled
+    with torch.no_grad():
+        one = scene_loss(sam, emb, scene, np.random.default_rng(1), CodePathConfig(click_rounds=1))[1]
+        loss, three = scene_loss(sam, emb, scene, np.random.default_rng(1), CodePathConfig(click_rounds=3))
+        none = scene_loss(sam, emb, scene, np.random.default_rng(1), CodePathConfig(click_rounds=0))[1]
+    # The rounds draw nothing at random: the first click, the box, the second click and the codes are as with one.
+    for key in ("first_subpart", "first_part", "first_whole", "box", "second_click", "code"):
+        assert three[key] == pytest.approx(one[key], rel=1e-5)
+    assert set(three) - set(one) == {"click_3", "click_4"} and "second_click" not in none
+    # Each next click answers differently (it adds a click and feeds the previous answer back).
+    assert len({round(three[k], 5) for k in ("second_click", "click_3", "click_4")}) == 3
+    first = (three["first_subpart"] + three["first_part"] + three["first_whole"]) / 3
+    clicks = (three["second_click"] + three["click_3"] + three["click_4"]) / 3
+    assert float(loss) == pytest.approx(first + three["box"] + clicks + three["code"], rel=1e-5)
+
+
 def test_a_scene_without_a_subpart_to_click_gives_no_loss(bundled):
     sam, _, emb = bundled
     empty = next(s for s in (generate_scene(3_000_000 + i) for i in range(200))

@@ -93,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-path-logit-scale", type=float, default=4.0,
                    help="its losses see the logits times this (the layout's are soft, so unsharpened, the soft dice of "
                    "a small region hardly follows its IoU; default 4)")
+    p.add_argument("--code-path-rounds", type=int, default=1,
+                   help="its corrective clicks after the first, each at the largest error of the answer before it "
+                   "(default 1: the second click; 4 follows the 5-click protocol)")
     p.add_argument("--second-codes", action="store_true",
                    help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
                    "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
@@ -254,6 +257,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-path-lr and --code-path-logit-scale must be above 0.")
     if min(args.code_path_levels) < 0 or not any(args.code_path_levels):
         raise TrimaskError("--code-path-levels must be 0 or more, not all 0.")
+    if args.code_path_rounds < 0:
+        raise TrimaskError("--code-path-rounds must be 0 or more.")
     if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
         raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
     if args.fit_single_steps < 1:
@@ -497,7 +502,7 @@ def _train_code_path(sam, scene_base: int, done: int, args: argparse.Namespace, 
     from trimask.training.code_path import CodePathConfig, train_code_path
 
     cfg = CodePathConfig(lr=args.code_path_lr, level_weights=tuple(args.code_path_levels),
-                         logit_scale=args.code_path_logit_scale)
+                         logit_scale=args.code_path_logit_scale, click_rounds=args.code_path_rounds)
     with tqdm(total=args.code_path_steps or None, desc="code path", unit="step", file=sys.stderr) as bar:
         summary = train_code_path(sam, functools.partial(_code_scene, scene_base + done), cfg,
                                   steps=args.code_path_steps or 10**9, seed=args.seed, log=log, progress=bar.update,

@@ -10,9 +10,10 @@ meaning hold. Per generated scene (cropped as in training):
   them, are clicked once each (at the subpart's centre or, as often, a uniform pixel of it), and the
   three multimask candidates are trained each on its own level (subpart, part, whole), with
   ``level_weights``: the layout's tokens read one level each, so no assignment is needed;
-- for one level of each clicked instance, drawn at random, a noisy box around it and a second
-  click (the standard protocol's, at the centre of the largest error of that level's first answer,
-  which is fed back as ``mask_input``) train the single-mask output;
+- for one level of each clicked instance, drawn at random, a noisy box around it and
+  ``click_rounds`` corrective clicks (the standard protocol's: each at the centre of the largest
+  error of the answer before it, which is fed back as ``mask_input``; the first answer is that
+  level's candidate) train the single-mask output, the rounds sharing ``click_weight``;
 - the region-code loss keeps the codes apart beside it.
 
 SAM's mask loss (focal + dice, the focal term weighted ``focal_weight``) on the logits times
@@ -52,7 +53,8 @@ class CodePathConfig:
     center_prob: float = 0.5  # a first click at the subpart's centre, else anywhere in it
     level_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the first click's subpart / part / whole
     box_weight: float = 1.0
-    click_weight: float = 1.0  # the second click's
+    click_weight: float = 1.0  # the corrective clicks', shared among the rounds
+    click_rounds: int = 1  # corrective clicks after the first (1: the second click only; 4: up to the fifth)
     code_weight: float = 1.0  # the region-code loss's
     focal_weight: float = 1.0
     # The losses see the logits times this. The layout's logits are soft (a subpart candidate's median is about
@@ -92,19 +94,25 @@ def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.G
             box_loss = losses.mask_loss(cfg.logit_scale * box_logits[:, 0], chosen_t).mean()
             loss = loss + cfg.box_weight * box_loss
             stats["box"] = float(box_loss.detach())
-        if cfg.click_weight:
+        if cfg.click_weight and cfg.click_rounds:
+            # The standard protocol's corrective clicks: each at the centre of the largest error of the answer
+            # before it (the first click's candidate of the chosen level, then token 0's), fed back as mask_input.
             prev = logits.detach()[rows, torch.from_numpy(level).to(dev)][:, None]
-            answers = postprocess(prev, hw)[:, 0].cpu().numpy()
-            points, labels = [], []
-            for i, m in enumerate(chosen):
-                nxt = center_of_largest_error(answers[i], m) or (first[i], 1)
-                points.append(to_frame(np.array([first[i], nxt[0]]), hw))
-                labels.append([1, nxt[1]])
-            second, _ = decode(sam, embedding, torch.tensor(np.stack(points), dtype=torch.float32, device=dev),
-                               torch.tensor(labels, dtype=torch.float32, device=dev), None, prev, False)
-            click_loss = losses.mask_loss(cfg.logit_scale * second[:, 0], chosen_t).mean()
-            loss = loss + cfg.click_weight * click_loss
-            stats["second_click"] = float(click_loss.detach())
+            clicks = [[first[i]] for i in range(len(inst))]
+            labels = [[1] for _ in inst]
+            for k in range(cfg.click_rounds):
+                answers = postprocess(prev, hw)[:, 0].cpu().numpy()
+                for i, m in enumerate(chosen):
+                    nxt = center_of_largest_error(answers[i], m) or (first[i], 1)
+                    clicks[i].append(nxt[0])
+                    labels[i].append(nxt[1])
+                points = np.stack([to_frame(np.array(c), hw) for c in clicks])
+                answer, _ = decode(sam, embedding, torch.tensor(points, dtype=torch.float32, device=dev),
+                                   torch.tensor(labels, dtype=torch.float32, device=dev), None, prev, False)
+                click_loss = losses.mask_loss(cfg.logit_scale * answer[:, 0], chosen_t).mean()
+                loss = loss + cfg.click_weight * click_loss / cfg.click_rounds
+                stats["second_click" if k == 0 else f"click_{k + 2}"] = float(click_loss.detach())
+                prev = answer.detach()[:, :1]
     if cfg.code_weight:
         code, _ = region_code_loss(embedding, scene, rng)
         loss = loss + cfg.code_weight * code
