@@ -189,6 +189,32 @@ def test_quantization_keeps_in_fp32_the_weights_one_uint8_scale_cannot_hold(quan
     assert sum(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in nodes) >= 20
 
 
+def test_laid_out_weights_stay_fp32_so_the_bundled_tiny_quantizes(tmp_path):
+    from trimask.export import onnx_decoder
+    from trimask.preprocess import preprocess
+    from trimask.training.scenes import generate_scene
+
+    rng = np.random.default_rng(0)
+    selection = np.zeros((256, 128), np.float32)
+    selection[rng.choice(256, 128, replace=False), np.arange(128)] = rng.choice([-1.0, 1.0], 128)
+    assert onnx_decoder._laid_out(selection)
+    assert not onnx_decoder._laid_out(rng.normal(0, 0.05, (256, 128)).astype(np.float32))
+    assert not onnx_decoder._laid_out(np.zeros((4, 4), np.float32))
+    # The bundled tiny's decoder routes its marks through such matrices; quantizing their inputs per call
+    # (the final attention's value projection above all) took its agreement with fp32 to about 0.4.
+    tiny = build_sam("tiny").eval()
+    scene = generate_scene(10**9 + 1)
+    with torch.no_grad():
+        embedding = tiny.image_encoder(preprocess(scene.image)).numpy()
+    fp32 = ort.InferenceSession(str(export_decoder(tiny, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"])
+    path = export_decoder(tiny, tmp_path / "q.onnx", quantize=True)
+    kept = [n.op_type for n in onnx.load(str(path)).graph.node if n.name == "/transformer/final_attn_token_to_image/v_proj/MatMul"]
+    assert kept == ["MatMul"]
+    quantized = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    stats = verify.agreement(fp32, quantized, [embedding], scene.image.shape[:2], 12, seed=1)
+    assert stats["iou_mean"] >= 0.9
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["vit_t", "tiny"])
 def test_other_models_export_and_run(model_type, tmp_path):
