@@ -1,8 +1,8 @@
 """The exported decoder of a model, made once and kept on disk.
 
-Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant.onnx``
-(plus ``decoder_prepare_v3.onnx``, ``decoder_prepared_v3[.quant].onnx`` and the hover
-previews' ``decoder_hover_v3[.quant].onnx`` of the optional fast path when asked for; a
+Layout: ``<cache_dir>/<model identity>/decoder.onnx`` and ``decoder.quant2.onnx``
+(plus ``decoder_prepare_v3.onnx``, ``decoder_prepared_v3[.quant2].onnx`` and the hover
+previews' ``decoder_hover_v3[.quant2].onnx`` of the optional fast path when asked for; a
 cache made before the hover graph existed gets it on first request, beside its unchanged
 pair; the ``_v3`` names the factored fast-path format, so a cache
 holding an earlier format's files is never paired with the new ones: v2's per-image
@@ -38,6 +38,9 @@ PARTS = {
     "prepared": f"decoder_prepared_{FAST_PATH_FORMAT}",
     "hover": f"decoder_hover_{FAST_PATH_FORMAT}",
 }
+# A quantized file's suffix carries the quantization rule's version, so files cached under an older rule
+# are made again (2: matrices laid out by hand stay fp32, see onnx_decoder._laid_out).
+QUANTIZED_SUFFIX = ".quant2"
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def decoder_file(
         raise TrimaskError(f"unknown decoder part {part!r}; choose one of {', '.join(PARTS)}")
     quantize = quantize and part != "prepare"
     folder = Path(cache_dir) / model_identity(model_type, checkpoint)
-    path = folder / (PARTS[part] + (".quant" if quantize else "") + ".onnx")
+    path = folder / (PARTS[part] + (QUANTIZED_SUFFIX if quantize else "") + ".onnx")
     if path.is_file():
         return path
     try:

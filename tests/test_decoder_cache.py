@@ -43,7 +43,7 @@ def test_first_call_exports_into_the_identity_folder_and_later_calls_reuse_it(tm
 def test_quantized_file_is_made_from_the_cached_fp32_file(tmp_path):
     quant = decoder_cache.decoder_file("vit_b", None, tmp_path, quantize=True)
     fp32 = tmp_path / model_identity("vit_b") / "decoder.onnx"
-    assert quant.name == "decoder.quant.onnx" and fp32.is_file()
+    assert quant.name == f"decoder{decoder_cache.QUANTIZED_SUFFIX}.onnx" and fp32.is_file()
     assert quant.stat().st_size < 0.4 * fp32.stat().st_size
     ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
 
@@ -114,10 +114,10 @@ def test_fast_path_parts_are_exported_together_and_quantized_on_request(tmp_path
     # The prepare graph is never quantized (it is small); the per-click graph can be.
     assert decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepare", quantize=True) == prepare
     quant = decoder_cache.decoder_file("vit_b", None, tmp_path, part="prepared", quantize=True)
-    assert quant == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}.quant.onnx"
+    assert quant == folder / f"decoder_prepared_{decoder_cache.FAST_PATH_FORMAT}{decoder_cache.QUANTIZED_SUFFIX}.onnx"
     ort.InferenceSession(str(quant), providers=["CPUExecutionProvider"])
     quant_hover = decoder_cache.decoder_file("vit_b", None, tmp_path, part="hover", quantize=True)
-    assert quant_hover == folder / f"decoder_hover_{decoder_cache.FAST_PATH_FORMAT}.quant.onnx"
+    assert quant_hover == folder / f"decoder_hover_{decoder_cache.FAST_PATH_FORMAT}{decoder_cache.QUANTIZED_SUFFIX}.onnx"
     outputs = {o.name for o in ort.InferenceSession(str(quant_hover), providers=["CPUExecutionProvider"]).get_outputs()}
     assert {"best_token", "display_mask"} <= outputs
     with pytest.raises(TrimaskError, match="part"):
