@@ -161,6 +161,9 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--second-codes"], "--code-match-start"),
                                          (["--code-match-start", "--second-codes"], "--pattern-minutes"),
                                          (["--part-in-whole"], "--code-match-start"),
+                                         (["--code-match-start", "--calibrate-cut-scenes", "2"], "--pattern-minutes"),
+                                         (["--code-match-start", "--calibrate-cut-scenes", "-1"],
+                                          "--calibrate-cut-scenes"),
                                          (["--fit-single-scenes", "2"], "--code-match-start"),
                                          (["--code-match-start", "--fit-single-scenes", "-1"], "--fit-single-scenes"),
                                          (["--code-match-start", "--fit-single-steps", "0"], "--fit-single-steps"),
@@ -175,6 +178,22 @@ def test_train_tiny_rejects_conflicting_code_settings(tmp_path: Path, args: list
     line = _one_line_error(["train-tiny", "--steps", "1", "--out", str(tmp_path / "t.pt"), *args])
     assert named in line
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_train_tiny_calibrates_the_pattern_cut_and_records_it(tmp_path: Path):
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, build_sam, read_checkpoint
+    from trimask.training.cut_calibration import CUT_GRID
+
+    out = tmp_path / "cut.pt"
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(BUNDLED_TINY_CHECKPOINT), "--steps", "0", "--threads", "1",
+                              "--calibrate-cut-scenes", "3", "--out", str(out)],
+                   capture_output=True, text=True, check=True)
+    _, extra = read_checkpoint(out)
+    cut = extra["cut_calibration"]["cut"]
+    assert cut in CUT_GRID and extra["cut_calibration"]["clicks"] >= 1
+    assert set(extra["cut_calibration"]["mean_iou"]) == {str(c) for c in CUT_GRID}
+    assert extra["encoder_kwargs"]["pattern_cut"] == cut
+    assert build_sam("tiny", out).image_encoder.pattern_cut == cut
 
 
 def test_train_tiny_with_code_match_start_records_it(tmp_path: Path):

@@ -106,6 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --code-match-start (or --init weights made with it): the part candidate also needs the "
                    "clicked whole's mark (it reads the whole's marks too, against a higher bias), so it no longer "
                    "spills onto parts of other objects that match its code; laid out, not trained")
+    p.add_argument("--calibrate-cut-scenes", type=int, default=0,
+                   help="with a pattern head: after the code path, choose where the head cuts (the logit above which "
+                   "a pixel is written as outside its cell's region) on this many uncropped training scenes, the "
+                   "match thresholds' scenes: the cut at which the first click's candidates fit their levels best; "
+                   "recorded in the checkpoint (default 0: keep the --init weights' cut, or 2)")
     p.add_argument("--calibrate-scenes", type=int, default=0,
                    help="with --code-match-start (or --init weights made with it): after code pre-training, choose "
                    "each level's match threshold (the sink logit of its comparison head) on this many uncropped "
@@ -259,8 +264,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         raise TrimaskError("--code-path-levels must be 0 or more, not all 0.")
     if args.code_path_rounds < 0:
         raise TrimaskError("--code-path-rounds must be 0 or more.")
-    if args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0:
-        raise TrimaskError("--calibrate-scenes, --calibrate-reads and --fit-single-scenes must be 0 or more.")
+    if (args.calibrate_scenes < 0 or args.calibrate_reads < 0 or args.fit_single_scenes < 0
+            or args.calibrate_cut_scenes < 0):
+        raise TrimaskError("--calibrate-cut-scenes, --calibrate-scenes, --calibrate-reads and --fit-single-scenes must "
+                           "be 0 or more.")
     if args.fit_single_steps < 1:
         raise TrimaskError("--fit-single-steps must be 1 or more.")
     if args.second_codes and args.init is None and not args.code_match_start:
@@ -314,6 +321,9 @@ def run_train_tiny(args: argparse.Namespace) -> int:
             raise TrimaskError("--second-codes needs a pattern head: pass --pattern-minutes, or --init weights that "
                                "have one.")
         sam, encoder_kwargs = _with_second_codes(sam, encoder_kwargs)
+    if args.calibrate_cut_scenes and "pattern_offset" not in encoder_kwargs:
+        raise TrimaskError("--calibrate-cut-scenes needs a pattern head: pass --pattern-minutes, or --init weights "
+                           "that have one.")
     if args.part_in_whole:
         from trimask.training.decoder_start import part_within_whole
 
@@ -376,6 +386,17 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if code_path:
         path_summary = _train_code_path(sam, base + CODE_PATH_SCENE_OFFSET, _stage_scenes(init_extra, "code_path"),
                                         args, log)
+    cut = None
+    if args.calibrate_cut_scenes:
+        from trimask.training.cut_calibration import calibrate_cut
+
+        try:
+            cut = calibrate_cut(sam, (generate_scene(base + CALIBRATION_SCENE_OFFSET + i)
+                                      for i in range(args.calibrate_cut_scenes)), seed=args.seed)
+        except ValueError as exc:
+            raise TrimaskError(f"--calibrate-cut-scenes {args.calibrate_cut_scenes}: {exc}; use more scenes.") from exc
+        encoder_kwargs = {**encoder_kwargs, "pattern_cut": cut["cut"]}
+        log(f"pattern cut: {cut['cut']} on {cut['clicks']} clicks (mean IoU by cut {cut['mean_iou']})")
     calibration = None
     if args.calibrate_scenes:
         from trimask.training.match_calibration import calibrate_match
@@ -412,7 +433,8 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "part_in_whole": args.part_in_whole,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary, "code_path": path_summary,
-             "match_calibration": calibration, "read_calibration": reads, "single_fit": single}
+             "cut_calibration": cut, "match_calibration": calibration, "read_calibration": reads,
+             "single_fit": single}
     summary = None
     if cfg.steps:
         with tqdm(total=cfg.steps, desc="train-tiny", unit="step", file=sys.stderr) as bar:

@@ -15,7 +15,7 @@ LayerNorm2d neck like SAM's.
 Optionally (``pattern_offset``) a pattern head adds sub-cell detail: for each cell and each of three
 levels, which of the cell's 4 x 4 pixels lie outside the cell's own region, as 48 channels from
 ``pattern_offset`` (16 per level, rows first; from 0 for a pixel surely inside to 1 for one surely
-outside, see ``PATTERN_CUT``), read from a small full-resolution
+outside, see ``pattern_cut``), read from a small full-resolution
 conv on the 256 px copy and the 64 x 64 features (``trimask.training.decoder_start.PATTERN`` says how
 the decoder uses them).
 
@@ -69,8 +69,10 @@ class _SepResBlock(nn.Module):
 
 
 # The head's logit above which a pixel is written as outside (p > 0.88); below, 0: the cell's mark stays.
-# At 0 (p > 0.5) held-out subparts gained 0.01 more but wholes lost 0.01 and, on photos, the preselected
-# candidate held the click at 57 of 125 grid clicks instead of 64 (63 at 2).
+# The default, for checkpoints that record none (``pattern_cut`` in their encoder_kwargs): chosen when the
+# head was first trained (at 0, held-out subparts gained 0.01 more but wholes lost 0.01 and, on photos,
+# the preselected candidate held the click at 57 of 125 grid clicks instead of 64). ``train-tiny
+# --calibrate-cut-scenes`` chooses it again for the weights at hand and records it in the checkpoint.
 PATTERN_CUT = 2.0
 
 
@@ -138,6 +140,7 @@ class TinyImageEncoder(nn.Module):
         out_chans: int = 256,
         pattern_offset: int | None = None,
         second_offset: int | None = None,
+        pattern_cut: float = PATTERN_CUT,
     ) -> None:
         super().__init__()
         if img_size % work_size or work_size % 4:
@@ -148,6 +151,7 @@ class TinyImageEncoder(nn.Module):
             raise ValueError("second codes need the pattern head and 48 channels from second_offset")
         self.pattern_offset = pattern_offset
         self.second_offset = second_offset
+        self.pattern_cut = float(pattern_cut)
         self.img_size = img_size
         self.work_size = work_size
         self.stem = nn.Sequential(
@@ -193,7 +197,7 @@ class TinyImageEncoder(nn.Module):
         if self.pattern is None:
             return out
         o = self.pattern_offset
-        pattern = torch.tanh(0.5 * (self.pattern(x, f64) - PATTERN_CUT)).clamp(min=0.0)
+        pattern = torch.tanh(0.5 * (self.pattern(x, f64) - self.pattern_cut)).clamp(min=0.0)
         out = torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
         if self.second_offset is None:
             return out

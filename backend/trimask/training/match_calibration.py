@@ -41,20 +41,14 @@ def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     candidate (token 1 / 2 / 3) fits that level's mask within ``TOLERANCE`` of the best mean IoU over
     the grid, at clicks on subparts (at their centres, as ``trimask eval`` clicks, up to two per
     scene). Returns the gains chosen, the mean IoU at each gain and level, and the number of clicks."""
-    device = next(sam.parameters()).device
     rng = np.random.default_rng(seed)
     totals = np.zeros((len(grid), 3))
     clicks = 0
     sam.eval()
     for inst, hw, emb in clicked_scenes(sam, scenes, rng):
-        pts = torch.tensor(np.stack([to_frame(np.array([center_point(s)]), hw) for s, _, _ in inst]),
-                           dtype=torch.float32, device=device)
-        lbl = torch.ones(len(inst), 1, device=device)
         for g, gain in enumerate(grid):
             set_match_gains(sam, (gain,) * 3)
-            cands = postprocess(decode(sam, emb, pts, lbl, None, None, True)[0].cpu(), hw).numpy()
-            for n, levels in enumerate(inst):
-                totals[g] += [_iou(cands[n, lv], levels[lv]) for lv in range(3)]
+            totals[g] += own_level_ious(sam, inst, hw, emb).sum(0)
         clicks += len(inst)
     if not clicks:
         raise ValueError("no scene had a subpart to click; nothing to calibrate on")
@@ -64,6 +58,17 @@ def calibrate_match(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...
     return {"gains": list(chosen), "clicks": clicks,
             "iou": {name: {str(g): round(float(mean[i, lv]), 4) for i, g in enumerate(grid)}
                     for lv, name in enumerate(LEVELS)}}
+
+
+def own_level_ious(sam: Sam, inst: list, hw: tuple[int, int], emb: torch.Tensor) -> np.ndarray:
+    """``len(inst) x 3``: at a click at the centre of each instance's subpart (``clicked_scenes``'s), the IoU
+    of multimask candidate 1 / 2 / 3 with the instance's subpart / part / whole."""
+    device = emb.device
+    pts = torch.tensor(np.stack([to_frame(np.array([center_point(s)]), hw) for s, _, _ in inst]),
+                       dtype=torch.float32, device=device)
+    lbl = torch.ones(len(inst), 1, device=device)
+    cands = postprocess(decode(sam, emb, pts, lbl, None, None, True)[0].cpu(), hw).numpy()
+    return np.array([[_iou(cands[n, lv], levels[lv]) for lv in range(3)] for n, levels in enumerate(inst)])
 
 
 def loosest_near_best(curve: np.ndarray, tolerance: float = TOLERANCE) -> int:
