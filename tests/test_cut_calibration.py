@@ -75,8 +75,11 @@ def test_an_encoder_without_a_pattern_head_or_scenes_without_a_subpart_is_an_err
     sam = build_sam("tiny", random_init=True).eval()
     with pytest.raises(ValueError, match="no pattern head"):
         calibrate_cut(sam, [generate_scene(1)])
+    bundled = build_sam("tiny").eval()
+    cut = bundled.image_encoder.pattern_cut
     with pytest.raises(ValueError, match="nothing to calibrate"):
-        calibrate_cut(build_sam("tiny").eval(), [])
+        calibrate_cut(bundled, [])
+    assert bundled.image_encoder.pattern_cut == cut  # left as it was
 
 
 def test_the_cut_travels_with_the_checkpoint_and_changes_the_patterns_only(tmp_path):

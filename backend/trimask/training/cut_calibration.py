@@ -35,6 +35,7 @@ def calibrate_cut(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...] 
     if getattr(encoder, "pattern", None) is None:
         raise ValueError("the encoder has no pattern head")
     scenes = list(scenes)
+    before = encoder.pattern_cut
     totals = np.zeros((len(grid), 3))
     clicks = 0
     sam.eval()
@@ -45,6 +46,7 @@ def calibrate_cut(sam: Sam, scenes: Iterable[Scene], *, grid: tuple[float, ...] 
             totals[g] += own_level_ious(sam, inst, hw, emb).sum(0)
             clicks += len(inst)
     if not clicks:
+        encoder.pattern_cut = before
         raise ValueError("no scene had a subpart to click; nothing to calibrate on")
     per_level = totals / clicks
     mean = per_level.mean(1)
