@@ -26,7 +26,7 @@ import torch
 
 from trimask.errors import TrimaskError
 from trimask.models.build import build_sam
-from trimask.models.tiny_encoder import CODE_OFFSET, SECOND_SCALE, neighbour_codes
+from trimask.models.tiny_encoder import with_patterns
 from trimask.training import evaluate as ev
 from trimask.training.code_pretrain import cell_labels
 from trimask.training.decoder_start import CODE, OBJ, OBJECT_VALUE, PATTERN, SECOND
@@ -51,9 +51,7 @@ def exact_embedding(scene: Scene, dims: int = COMPARED, seed: int = 1) -> torch.
         out[0, list(CODE[level])] = codes.T.reshape(16, 64, 64)
     out[0, OBJ] = OBJECT_VALUE * torch.from_numpy(on).float().reshape(64, 64)
     pattern = torch.from_numpy(pattern_targets(scene)).float().reshape(1, 48, 64, 64) * CONFIDENT
-    out[:, PATTERN[0][0] : PATTERN[0][0] + 48] = pattern
-    out[:, SECOND[0][0] : SECOND[0][0] + 48] = SECOND_SCALE * neighbour_codes(out[:, CODE_OFFSET : CODE_OFFSET + 48], pattern)
-    return out
+    return with_patterns(out, pattern, PATTERN[0][0], SECOND[0][0])
 
 
 def evaluate_exact(sam, *, scenes: int, seed: int, dims: int, code_seed: int) -> dict[str, float]:

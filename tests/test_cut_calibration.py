@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trimask.models.build import build_sam, build_sam_and_extra
-from trimask.models.tiny_encoder import CODE_OFFSET, PATTERN_CUT, SECOND_SCALE, neighbour_codes
+from trimask.models.tiny_encoder import PATTERN_CUT, with_patterns
 from trimask.preprocess import preprocess
 from trimask.training.cut_calibration import CUT_GRID, CUT_TOLERANCE, calibrate_cut
 from trimask.training.decoder_start import PATTERN, SECOND
@@ -34,12 +34,8 @@ class _HeadLogits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, logits = next((e, lg) for image, e, lg in self.items if torch.equal(image, x))
-        out = base.clone()
         pattern = torch.tanh(0.5 * (logits - self.pattern_cut)).clamp(min=0.0)
-        o, s = PATTERN[0][0], SECOND[0][0]
-        out[:, o : o + 48] = pattern
-        out[:, s : s + 48] = SECOND_SCALE * neighbour_codes(out[:, CODE_OFFSET : CODE_OFFSET + 48], pattern)
-        return out
+        return with_patterns(base, pattern, PATTERN[0][0], SECOND[0][0])  # base holds no patterns: they are these
 
 
 def _calibrated(outside: float, inside: float, count: int = 8):

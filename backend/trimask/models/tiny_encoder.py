@@ -108,6 +108,19 @@ def neighbour_codes(codes: torch.Tensor, outside: torch.Tensor, *, levels: int =
     return torch.cat(out, dim=1)
 
 
+def with_patterns(out: torch.Tensor, pattern: torch.Tensor, pattern_offset: int,
+                  second_offset: int | None = None) -> torch.Tensor:
+    """An embedding with ``pattern`` (``B x 48 x 64 x 64``, 0 inside to 1 outside) added to its 48 channels
+    from ``pattern_offset`` and, with ``second_offset``, the second codes those patterns give written to the 48
+    from there (``neighbour_codes`` of the embedding's codes, at ``SECOND_SCALE``), as the encoder writes them."""
+    o = pattern_offset
+    out = torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
+    if second_offset is None:
+        return out
+    s, c = second_offset, CODE_OFFSET
+    second = SECOND_SCALE * neighbour_codes(out[:, c : c + 48], pattern)
+    return torch.cat([out[:, :s], second, out[:, s + 48 :]], dim=1)
+
 class PatternHead(nn.Module):
     """``B x 3 x 256 x 256`` work copy and ``B x C x 64 x 64`` features -> ``B x 16 levels x 64 x 64`` logits."""
 
@@ -196,14 +209,8 @@ class TinyImageEncoder(nn.Module):
         out = self.neck(self.fuse(torch.cat([f64, ctx], dim=1)))
         if self.pattern is None:
             return out
-        o = self.pattern_offset
         pattern = torch.tanh(0.5 * (self.pattern(x, f64) - self.pattern_cut)).clamp(min=0.0)
-        out = torch.cat([out[:, :o], out[:, o : o + 48] + pattern, out[:, o + 48 :]], dim=1)
-        if self.second_offset is None:
-            return out
-        s, c = self.second_offset, CODE_OFFSET
-        second = SECOND_SCALE * neighbour_codes(out[:, c : c + 48], pattern)
-        return torch.cat([out[:, :s], second, out[:, s + 48 :]], dim=1)
+        return with_patterns(out, pattern, self.pattern_offset, self.second_offset)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The 64 x 64 local features of a work-size input (what the pattern head reads beside the pixels)."""
