@@ -29,11 +29,10 @@ from trimask.models.build import build_sam
 from trimask.models.tiny_encoder import with_patterns
 from trimask.training import evaluate as ev
 from trimask.training.code_pretrain import cell_labels
-from trimask.training.decoder_start import CODE, OBJ, OBJECT_VALUE, PATTERN, SECOND
+from trimask.training.decoder_start import CODE, CODE_DIM, COMPARED, OBJ, OBJECT_VALUE, PATTERN, SECOND
 from trimask.training.pattern_pretrain import pattern_targets
 from trimask.training.scenes import Scene
 
-COMPARED = 15  # code channels a comparison head reads (decoder_start: its 16th is the sink)
 CODE_NORM = 4.0
 CONFIDENT = float(np.tanh(0.5 * 18.0))  # the encoder's pattern value for a head logit far above its cut
 
@@ -91,8 +90,8 @@ def main() -> None:
     columns = {}
     t0 = time.perf_counter()
     columns["learned encoder"] = ev.evaluate(sam, scenes=args.scenes, seed=args.seed)
-    for name, dims in (("exact inputs", COMPARED), ("exact, 16-d codes", 16)):
-        if dims == 16 and not args.full_codes:
+    for name, dims in (("exact inputs", COMPARED), ("exact, 16-d codes", CODE_DIM)):
+        if dims == CODE_DIM and not args.full_codes:
             continue
         runs = [evaluate_exact(sam, scenes=args.scenes, seed=args.seed, dims=dims, code_seed=1 + k)
                 for k in range(args.code_seeds)]

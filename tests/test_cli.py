@@ -486,13 +486,13 @@ def test_train_tiny_code_path_trains_only_the_code_path_and_records_its_scenes(t
     bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
                               "--code-path-steps", "2", "--code-path-lr", "1e-3", "--code-path-levels", "3", "1", "1",
-                              "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
+                              "--code-path-code-dims", "15", "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
     state, extra = read_checkpoint(tmp_path / "t.pt")
     record = extra["code_path"]
     # The bundled weights were made with this stage: it goes on after the scenes their runs drew.
     assert _stage_scenes(bundled_extra, "code_path") > 0
     assert record["steps"] == 2 and record["scenes"] >= 2 and record["first_scene"] == _stage_scenes(bundled_extra, "code_path")
-    assert list(record["config"]["level_weights"]) == [3.0, 1.0, 1.0]
+    assert list(record["config"]["level_weights"]) == [3.0, 1.0, 1.0] and record["config"]["code_dims"] == 15
     path = [k for k in bundled if k.startswith(CODE_PATH)]
     assert any(not torch.equal(state[k], bundled[k]) for k in path)
     # The trunk, the pattern head and the whole decoder (the IoU head included) are bit for bit as they were.

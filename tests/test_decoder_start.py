@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from trimask.models.build import build_sam
 from trimask.preprocess import preprocess
 from trimask.training.code_pretrain import cell_labels, prepare_encoder, pretrain_codes, region_code_loss
-from trimask.training.decoder_start import (AREA, CODE, CODE_CHANNELS, FETCH_FREQUENCIES, OBJ, OBJECT_VALUE, STRENGTH,
-                                           STRENGTH_OBJECT, ZREF, code_match_start)
+from trimask.training.decoder_start import (AREA, CODE, CODE_CHANNELS, CODE_DIM, COMPARED, FETCH_FREQUENCIES, OBJ,
+                                           OBJECT_VALUE, STRENGTH, STRENGTH_OBJECT, ZREF, code_match_start)
 from trimask.training.evaluate import center_point, postprocess
 from trimask.training.scenes import generate_scene
 from trimask.training.trainer import decode, to_frame
@@ -231,6 +231,24 @@ def test_region_code_loss_separates_regions_and_the_other_channels_stay_silent()
     other = [c for c in range(256) if c not in {*CODE_CHANNELS, OBJ}]
     assert torch.count_nonzero(emb[0, other]) == 0
     assert emb[0, list(CODE_CHANNELS)].abs().mean() > 0.1
+
+
+def test_region_code_loss_on_the_compared_channels_ignores_the_sinks_channel():
+    """With ``dims=COMPARED`` the loss spans the code channels the comparison heads read: what a code holds
+    in its 16th channel (the head's sink slot) changes the 16-channel loss and not that one."""
+    scene = generate_scene(2)
+    emb = torch.zeros(1, 256, 64, 64)
+    emb[0, list(CODE_CHANNELS)] = torch.randn(len(CODE_CHANNELS), 64, 64, generator=torch.Generator().manual_seed(0))
+    moved = emb.clone()
+    moved[0, [CODE[lv][COMPARED] for lv in range(3)]] += 5.0 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def loss(e: torch.Tensor, dims: int) -> float:
+        return float(region_code_loss(e, scene, np.random.default_rng(0), dims=dims)[0])
+
+    assert COMPARED == CODE_DIM - 1
+    assert loss(moved, COMPARED) == loss(emb, COMPARED)
+    assert abs(loss(moved, CODE_DIM) - loss(emb, CODE_DIM)) > 0.01
+    assert loss(emb, CODE_DIM) == float(region_code_loss(emb, scene, np.random.default_rng(0))[0])  # the default: 16
 
 
 def test_code_pretraining_in_batches_made_by_workers_is_the_run_made_here():

@@ -96,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code-path-rounds", type=int, default=1,
                    help="its corrective clicks after the first, each at the largest error of the answer before it "
                    "(default 1: the second click; 4 follows the 5-click protocol)")
+    p.add_argument("--code-path-code-dims", type=int, default=16, choices=(15, 16),
+                   help="the code channels its region-code loss compares: 16 (default, as the code pre-training) or "
+                   "15, the ones the decoder's comparison heads read")
     p.add_argument("--second-codes", action="store_true",
                    help="with a pattern head (--pattern-minutes, or --init weights that have one): the encoder also "
                    "writes each cell's second codes (its neighbour's codes towards the pixels its pattern calls "
@@ -524,7 +527,8 @@ def _train_code_path(sam, scene_base: int, done: int, args: argparse.Namespace, 
     from trimask.training.code_path import CodePathConfig, train_code_path
 
     cfg = CodePathConfig(lr=args.code_path_lr, level_weights=tuple(args.code_path_levels),
-                         logit_scale=args.code_path_logit_scale, click_rounds=args.code_path_rounds)
+                         logit_scale=args.code_path_logit_scale, click_rounds=args.code_path_rounds,
+                         code_dims=args.code_path_code_dims)
     with tqdm(total=args.code_path_steps or None, desc="code path", unit="step", file=sys.stderr) as bar:
         summary = train_code_path(sam, functools.partial(_code_scene, scene_base + done), cfg,
                                   steps=args.code_path_steps or 10**9, seed=args.seed, log=log, progress=bar.update,

@@ -56,6 +56,7 @@ class CodePathConfig:
     click_weight: float = 1.0  # the corrective clicks', shared among the rounds
     click_rounds: int = 1  # corrective clicks after the first (1: the second click only; 4: up to the fifth)
     code_weight: float = 1.0  # the region-code loss's
+    code_dims: int = 16  # the code channels it compares (15: those the decoder's comparison heads read)
     focal_weight: float = 1.0
     # The losses see the logits times this. The layout's logits are soft (a subpart candidate's median is about
     # +1 inside and -2 outside), so over a 256 x 256 frame the soft dice of a small region is near 1 whatever
@@ -114,7 +115,7 @@ def scene_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, rng: np.random.G
                 stats["second_click" if k == 0 else f"click_{k + 2}"] = float(click_loss.detach())
                 prev = answer.detach()[:, :1]
     if cfg.code_weight:
-        code, _ = region_code_loss(embedding, scene, rng)
+        code, _ = region_code_loss(embedding, scene, rng, dims=cfg.code_dims)
         loss = loss + cfg.code_weight * code
         stats["code"] = float(code.detach())
     return loss, stats

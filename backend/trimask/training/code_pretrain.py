@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trimask.models.tiny_encoder import to_work_size
 from trimask.preprocess import preprocess
-from trimask.training.decoder_start import CODE, CODE_CHANNELS, OBJ, OBJECT_VALUE
+from trimask.training.decoder_start import CODE, CODE_CHANNELS, CODE_DIM, OBJ, OBJECT_VALUE
 from trimask.training.scenes import Scene
 
 MATCH = 8.0  # dot products of one region's codes aim above this (codes of norm ~4), others below
@@ -61,8 +61,11 @@ def _anchors(regions: np.ndarray, cells: np.ndarray, rng: np.random.Generator, c
 
 
 def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Generator,
-                     anchors: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
+                     anchors: int = 256, dims: int = CODE_DIM) -> tuple[torch.Tensor, dict[str, float]]:
     """The pull/push loss on one scene's ``1 x 256 x 64 x 64`` embedding; returns (loss, stats).
+
+    ``dims``: how many of each level's code channels the dot products span (the first ones). The laid-out
+    decoder's comparison heads read 15 of the 16 (``decoder_start.COMPARED``); the code pre-training used 16.
 
     Also objectness (channel ``OBJ``): the squared error against OBJECT_VALUE on objects and 0
     elsewhere, over OBJECT_VALUE ** 2, which the start's box prompt reads.
@@ -76,7 +79,7 @@ def region_code_loss(embedding: torch.Tensor, scene: Scene, rng: np.random.Gener
     total = (embedding[0, OBJ].flatten() - target).square().mean() / OBJECT_VALUE**2
     stats: dict[str, float] = {"objectness": float(total.detach())}
     for lv, name in enumerate(("subpart", "part", "whole")):
-        codes = embedding[0, list(CODE[lv])].flatten(1)  # 16 x cells
+        codes = embedding[0, list(CODE[lv][:dims])].flatten(1)  # dims x cells
         dots = codes[:, pick].T @ codes  # anchors x cells
         per_anchor, gap = _anchor_terms(dots, labels[lv], labels[lv + 1] if lv < 2 else None, pick)
         total = total + per_anchor.mean()

@@ -65,6 +65,7 @@ FETCH_FREQUENCIES = (
 )
 FETCH = tuple(range(8))  # their columns: embedding channels 0..7 (sin) and 128..135 (cos)
 CODE_DIM = 16
+COMPARED = 15  # of a code's channels, those the comparison heads read (the 16th of each head is its sink's)
 CODE = tuple(tuple(range(CODE_OFFSET + CODE_DIM * lv, CODE_OFFSET + CODE_DIM * (lv + 1))) for lv in range(3))  # 16..63
 CODE_CHANNELS = tuple(c for lv in CODE for c in lv)
 MARK = (64, 65, 66)
@@ -232,7 +233,7 @@ def code_match_start(sam: Sam) -> None:
     i2t = first.cross_attn_image_to_token
     _zero(i2t)
     for lv in range(3):
-        for j, ch in enumerate(CODE[lv][:15]):
+        for j, ch in enumerate(CODE[lv][:COMPARED]):
             i2t.q_proj.weight[16 * lv + j, ch] = CODE_SCALE
             i2t.k_proj.weight[16 * lv + j, ch] = CODE_SCALE
         i2t.k_proj.weight[16 * lv + 15, SINK] = 1.0
@@ -409,7 +410,7 @@ def second_marks(sam: Sam) -> None:
         i2t.k_proj.weight[d : d + 16] = 0.0
         i2t.v_proj.weight[d : d + 16] = 0.0
         i2t.out_proj.weight[:, d : d + 16] = 0.0
-        for j, ch in enumerate(SECOND[lv][:15]):
+        for j, ch in enumerate(SECOND[lv][:COMPARED]):
             i2t.q_proj.weight[d + j, ch] = gain
             i2t.q_proj.weight[d + j, ZREF] = -gain
             i2t.q_proj.bias[d + j] = -gain
