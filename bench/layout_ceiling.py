@@ -43,11 +43,11 @@ def exact_embedding(scene: Scene, dims: int = COMPARED, seed: int = 1) -> torch.
     labels, on = cell_labels(scene)
     out = torch.zeros(1, 256, 64, 64)
     for level, ids in enumerate(labels):
-        table = torch.zeros(int(ids.max()) + 1, 16)
+        table = torch.zeros(int(ids.max()) + 1, CODE_DIM)
         table[:, :dims] = torch.randn(len(table), dims, generator=gen)
         table = CODE_NORM * table / table.norm(dim=1, keepdim=True)
         codes = table[torch.from_numpy(ids)] * torch.from_numpy(on)[:, None].float()
-        out[0, list(CODE[level])] = codes.T.reshape(16, 64, 64)
+        out[0, list(CODE[level])] = codes.T.reshape(CODE_DIM, 64, 64)
     out[0, OBJ] = OBJECT_VALUE * torch.from_numpy(on).float().reshape(64, 64)
     pattern = torch.from_numpy(pattern_targets(scene)).float().reshape(1, 48, 64, 64) * CONFIDENT
     return with_patterns(out, pattern, PATTERN[0][0], SECOND[0][0])

@@ -486,7 +486,8 @@ def test_train_tiny_code_path_trains_only_the_code_path_and_records_its_scenes(t
     bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
     subprocess.run(TRIMASK + ["train-tiny", "--steps", "0", "--threads", "1", "--init", str(BUNDLED_TINY_CHECKPOINT),
                               "--code-path-steps", "2", "--code-path-lr", "1e-3", "--code-path-levels", "3", "1", "1",
-                              "--code-path-code-dims", "15", "--out", str(tmp_path / "t.pt")], capture_output=True, text=True, check=True)
+                              "--code-path-code-dims", "15", "--out", str(tmp_path / "t.pt")],
+                   capture_output=True, text=True, check=True)
     state, extra = read_checkpoint(tmp_path / "t.pt")
     record = extra["code_path"]
     # The bundled weights were made with this stage: it goes on after the scenes their runs drew.

@@ -240,7 +240,8 @@ def test_region_code_loss_on_the_compared_channels_ignores_the_sinks_channel():
     emb = torch.zeros(1, 256, 64, 64)
     emb[0, list(CODE_CHANNELS)] = torch.randn(len(CODE_CHANNELS), 64, 64, generator=torch.Generator().manual_seed(0))
     moved = emb.clone()
-    moved[0, [CODE[lv][COMPARED] for lv in range(3)]] += 5.0 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    sink_slot = [CODE[lv][COMPARED] for lv in range(3)]
+    moved[0, sink_slot] += 5.0 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))
 
     def loss(e: torch.Tensor, dims: int) -> float:
         return float(region_code_loss(e, scene, np.random.default_rng(0), dims=dims)[0])

@@ -121,6 +121,7 @@ def with_patterns(out: torch.Tensor, pattern: torch.Tensor, pattern_offset: int,
     second = SECOND_SCALE * neighbour_codes(out[:, c : c + 48], pattern)
     return torch.cat([out[:, :s], second, out[:, s + 48 :]], dim=1)
 
+
 class PatternHead(nn.Module):
     """``B x 3 x 256 x 256`` work copy and ``B x C x 64 x 64`` features -> ``B x 16 levels x 64 x 64`` logits."""
 
