@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from trimask.training.decoder_start import (UP_HIDDEN, clear_hidden_units, reads_hidden_units, second_marks,
-                                            single_read)
+from trimask.training.decoder_start import (UP_FAR, UP_HIDDEN, clear_hidden_units, reads_hidden_units,
+                                            second_marks, single_read)
 from trimask.training.evaluate import _iou, click_answers, clicked_scenes, first_answers
 from trimask.training.read_calibration import calibrate_reads
 from trimask.training.single_fit import CLICKS, _logits, collect, fit_single
@@ -76,6 +76,10 @@ def test_fit_repairs_a_stubborn_token0_and_changes_nothing_else():
     w = sam.state_dict()["mask_decoder.output_upscaling.3.weight"]
     others = [c for c in range(32) if c not in UP_HIDDEN]
     assert torch.equal(w[:, others], before["mask_decoder.output_upscaling.3.weight"][:, others])
+    # The units read the distance from the clicks (the locality's FAR) as a signed pair, like the marks.
+    hidden = list(UP_HIDDEN)
+    assert w[UP_FAR[0], hidden].abs().sum() > 0
+    assert torch.equal(w[UP_FAR[1], hidden], -w[UP_FAR[0], hidden])
     assert reads_hidden_units(sam)
     got = _protocol_ious(sam)
     assert np.mean(got) > np.mean(start) + 0.05

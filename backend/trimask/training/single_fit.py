@@ -10,7 +10,9 @@ gains (the model card has the numbers), so this stage gives token 0 one.
 The decoder's last upscaling (a 2 x 2 transposed convolution from the 64 channels of the 2x grid to
 the 32 of the 4x grid, then a GELU) leaves channels ``UP_HIDDEN`` unused. The stage sets them to hidden
 units, the GELU of a linear form (per sub-pixel position, no bias) in the 2x grid's signed pairs of the
-clicks' marks, the previous answer and the second marks (``SIGNED_PAIRS``), and fits their weights
+clicks' marks, the previous answer, the second marks and how far each pixel is from every click
+(``SIGNED_PAIRS``; the distance is the subpart locality's ``FAR``, so a unit can weigh a mark by it as
+multimask token 1's subpart does), and fits their weights
 together with what token 0 reads of the 32 channels (all but ``KEPT_READS``), with SAM's mask loss
 (dice + ``FOCAL`` x focal) on token 0's own answers:
 
@@ -23,8 +25,9 @@ together with what token 0 reads of the 32 channels (all but ``KEPT_READS``), wi
   make (one round; further rounds on a fitted rule's own trajectories gained nothing in a trial);
 - a held-out fifth of the scenes chooses the step with the lowest loss.
 
-A box alone (no clicks, no mask input) gives every unit an input of about 0, and the box's and the
-constant's reads are kept, so boxes are answered as before but for a few pixels; the multimask tokens read none of ``UP_HIDDEN``, so
+A box alone (no clicks, no mask input) gives every unit an input of about 0 but for the distance, the
+same everywhere (no click is near: ``FAR_GAIN``), and the box's and the constant's reads are kept, so
+boxes are answered as before but for a few pixels; the multimask tokens read none of ``UP_HIDDEN``, so
 the first click's three candidates do not change either.
 """
 from __future__ import annotations
@@ -37,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from trimask.models.sam import Sam
-from trimask.training.decoder_start import (UP_BOX, UP_CONSTANT, UP_HIDDEN, UP_NEGATIVE, UP_PREV, UP_SECOND_IN,
-                                            _single_reader as _reader)
+from trimask.training.decoder_start import (UP_BOX, UP_CONSTANT, UP_FAR, UP_HIDDEN, UP_NEGATIVE, UP_PREV,
+                                            UP_SECOND_IN, _single_reader as _reader)
 from trimask.training.evaluate import click_answers, clicked_scenes, first_answers
 from trimask.training.losses import focal_weight, mask_iou, mask_loss
 from trimask.training.scenes import Scene
@@ -47,12 +50,12 @@ from trimask.training.trainer import low_res_target
 CLICKS = 5
 FOCAL = 1.0  # the focal term's weight against dice in this fit (SAM's 20 emptied uncertain answers: see the card)
 HIDDEN_INIT = 0.1  # std of the hidden units' first weights (their reads start at 0: the rule starts as it was)
-# The hidden units read the 2x grid's signed pairs (x, -x) of the clicks' marks, the previous answer and the
-# second marks, each pair as its difference x, with no bias: without clicks or a mask input (a box alone)
-# every input is about 0 (the norms leave ~0.05) and so is every unit; the box's and the constant's reads
-# are kept, so a box alone is answered as before but for a few pixels (the bundled tiny's boxes moved by at
-# most 0.012 IoU).
-SIGNED_PAIRS = (*zip(range(3), UP_NEGATIVE), UP_PREV, *((c, c + 1) for c in UP_SECOND_IN))
+# The hidden units read the 2x grid's signed pairs (x, -x) of the clicks' marks, the previous answer, the
+# second marks and the distance from the clicks (FAR), each pair as its difference x, with no bias: without
+# clicks or a mask input (a box alone) every input is about 0 (the norms leave ~0.05) but the distance's,
+# which is then the same at every pixel; the box's and the constant's reads are kept, so a box alone is
+# answered as before but for a few pixels (the bundled tiny's boxes moved by at most 0.012 IoU).
+SIGNED_PAIRS = (*zip(range(3), UP_NEGATIVE), UP_PREV, *((c, c + 1) for c in UP_SECOND_IN), UP_FAR)
 KEPT_READS = (UP_BOX, UP_CONSTANT)
 
 
