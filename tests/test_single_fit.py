@@ -83,8 +83,9 @@ def test_fit_repairs_a_stubborn_token0_and_changes_nothing_else():
     assert reads_hidden_units(sam)
     got = _protocol_ious(sam)
     assert np.mean(got) > np.mean(start) + 0.05
-    # A box alone reaches no hidden unit (no clicks, no mask input) and its reads are kept: answered as before
-    # (up to the other reads times the small values the norms leave in the empty marks' channels).
+    # A box alone reaches the hidden units only through the distance from the clicks, the same at every pixel
+    # (no clicks, no mask input), and its reads are kept: answered as before here (up to that and the other
+    # reads times the small values the norms leave in the empty marks' channels).
     sam_before = _model(STUBBORN)
     for scene in SCENES:
         inst, hw, emb = next(clicked_scenes(sam, [scene], np.random.default_rng(0)))
