@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from trimask.training.decoder_start import (UP_FAR, UP_HIDDEN, clear_hidden_units, reads_hidden_units,
-                                            second_marks, single_read)
+from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_FAR, UP_HIDDEN, clear_hidden_units,
+                                            reads_hidden_units, second_marks, single_read)
 from trimask.training.evaluate import _iou, click_answers, clicked_scenes, first_answers
 from trimask.training.read_calibration import calibrate_reads
-from trimask.training.single_fit import CLICKS, _logits, collect, fit_single
+from trimask.training.single_fit import BOX_GATE, BOX_GATE_ZERO, CLICKS, _logits, collect, fit_single
 from trimask.training.trainer import decode, to_frame
 
 from test_read_calibration import SCENES, _model
@@ -83,17 +84,35 @@ def test_fit_repairs_a_stubborn_token0_and_changes_nothing_else():
     assert reads_hidden_units(sam)
     got = _protocol_ious(sam)
     assert np.mean(got) > np.mean(start) + 0.05
-    # A box alone reaches the hidden units only through the distance from the clicks, the same at every pixel
-    # (no clicks, no mask input), and its reads are kept: answered as before here (up to that and the other
-    # reads times the small values the norms leave in the empty marks' channels).
+    # The box's gate: every unit reads the box mark at -BOX_GATE and the constant channel against it, fixed.
+    assert torch.all(w[UP_BOX, hidden] == -BOX_GATE)
+    assert torch.allclose(w[UP1_CONSTANT, hidden], torch.tensor(BOX_GATE * BOX_GATE_ZERO))
+    # A box alone reaches the units only through the distance from the clicks (no clicks, no mask input) and
+    # the gate closes them inside the box, while the clicks of the protocol open them; the box's reads are
+    # kept: answered as before here (up to the other reads times the small values the norms leave in the
+    # empty marks' channels).
+    seen: list[torch.Tensor] = []
+    hook = _up2(sam).register_forward_pre_hook(lambda m, i: seen.append(i[0]))
     sam_before = _model(STUBBORN)
-    for scene in SCENES:
-        inst, hw, emb = next(clicked_scenes(sam, [scene], np.random.default_rng(0)))
-        box = torch.tensor(np.stack([to_frame(np.array([[x.min(), y.min()], [x.max(), y.max()]], float), hw).reshape(4)
-                                     for y, x in (np.nonzero(t) for i in inst for t in i)]), dtype=torch.float32)
-        with torch.no_grad():
-            after, before_ = (decode(m, emb, None, None, box, None, False)[0] > 0 for m in (sam, sam_before))
-        assert before_.any() and float((after == before_).float().mean()) > 0.995
+    try:
+        for scene in SCENES:
+            inst, hw, emb = next(clicked_scenes(sam, [scene], np.random.default_rng(0)))
+            box = torch.tensor(np.stack([to_frame(np.array([[x.min(), y.min()], [x.max(), y.max()]], float), hw).reshape(4)
+                                         for y, x in (np.nonzero(t) for i in inst for t in i)]), dtype=torch.float32)
+            seen.clear()
+            with torch.no_grad():
+                after = decode(sam, emb, None, None, box, None, False)[0] > 0
+                units = F.gelu(F.conv_transpose2d(seen[0], w[:, hidden], stride=2))
+                inside = F.interpolate((seen[0][:, UP_BOX : UP_BOX + 1] > 1).float(), scale_factor=2) > 0
+                assert inside.any() and float(units.abs().amax(1, keepdim=True)[inside].max()) < 0.05
+                seen.clear()
+                targets = [lv for i in inst for lv in i]
+                click_answers(sam, emb, hw, targets, first_answers(sam, emb, hw, targets), clicks=2)
+                assert float(F.gelu(F.conv_transpose2d(seen[-1], w[:, hidden], stride=2)).abs().max()) > 0.1
+                before_ = decode(sam_before, emb, None, None, box, None, False)[0] > 0
+            assert before_.any() and float((after == before_).float().mean()) > 0.995
+    finally:
+        hook.remove()
     # Laying the second codes out again keeps the fitted reads; clearing the units restores the rule.
     fitted = {k: v.clone() for k, v in sam.state_dict().items()}
     second_marks(sam)

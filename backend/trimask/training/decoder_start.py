@@ -104,6 +104,7 @@ CODE_SCALE = 2.0  # query and key gain of the code comparison
 SINK_GAIN = 1.33  # the sink's logit: about half a matching cell's
 MARK_GAIN = 0.25  # small beside DENSE, so LayerNorms scale marks, box and mask input alike
 UP_MARK, UP_CONST = 3.0, 40.0  # first upscaling conv: mark gain and the constant channel's value
+UP1_CONSTANT = 63  # the first upscaling's constant channel (the box mark is its channel UP_BOX, as in the 4x grid)
 READ_GAIN, READ_BIAS = 2.0, 2.5  # multimask logit = READ_GAIN * mark - READ_BIAS * const (about +-2)
 BOX_SHARPNESS, BOX_PHASE = 290.0, 0.5  # half-plane logit ~4 per cell; the phase sets its edge at the corner
 BOX_OBJECT_WEIGHT, BOX_THRESHOLD, BOX_AND_GAIN = 2.0, 5.3, 20.0  # 4 half-planes + 2 x objectness > 5.3
@@ -257,7 +258,7 @@ def code_match_start(sam: Sam) -> None:
     _signed(up1, up2, PREV, *UP_PREV)
     up1.weight[BOXMARK, UP_BOX] = UP_MARK
     up2.weight[UP_BOX, UP_BOX] = 1.0
-    up1.bias[63] = UP_CONST
+    up1.bias[UP1_CONSTANT] = UP_CONST
     up2.bias[UP_CONSTANT] = 1.0
     pattern_gates(sam)
     # Hypernetworks: constant readers (1: subpart; 2: part; 3: whole; 0: see SINGLE_READ).

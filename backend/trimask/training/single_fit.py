@@ -25,11 +25,15 @@ together with what token 0 reads of the 32 channels (all but ``KEPT_READS``), wi
   make (one round; further rounds on a fitted rule's own trajectories gained nothing in a trial);
 - a held-out fifth of the scenes chooses the step with the lowest loss.
 
-A box alone (no clicks, no mask input) gives every unit an input of about 0 but for the distance, the
-same everywhere (no click is near: ``FAR_GAIN``), and the box's and the constant's reads are kept, so a
-box is answered as before but where the units' answer for "far from every click" moves it (the bundled
-tiny's boxes around parts and wholes: about 0.015 IoU lower, the model card); the multimask tokens read
-none of ``UP_HIDDEN``, so the first click's three candidates do not change.
+A box alone (no clicks, no mask input) gives every unit an input of about 0 but for the distance (no
+click is near: ``FAR_GAIN``), which the units' answer for "far from every click" would read as a reason
+to pull the answer in (without a gate, the bundled tiny's boxes around parts and wholes were about 0.015
+IoU lower). So every unit also reads the box's mark through a fixed gate (``BOX_GATE``) that closes it
+inside a box, and the box's and the constant's reads are kept: a box alone is answered as by the rule
+before the fit (up to the other reads, fitted, times the ~0.05 the norms leave in empty channels), and
+clicks after a box get no units inside it. Box answers among the fit's data did not do this: with
+their targets, or with the rule's own answers as the targets, tight boxes came out smaller (the model
+card). The multimask tokens read none of ``UP_HIDDEN``, so the first click's three candidates do not change.
 """
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from trimask.models.sam import Sam
-from trimask.training.decoder_start import (UP_BOX, UP_CONSTANT, UP_FAR, UP_HIDDEN, UP_NEGATIVE, UP_PREV,
-                                            UP_SECOND_IN, _single_reader as _reader)
+from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_CONSTANT, UP_FAR, UP_HIDDEN, UP_NEGATIVE,
+                                            UP_PREV, UP_SECOND_IN, _single_reader as _reader)
 from trimask.training.evaluate import click_answers, clicked_scenes, first_answers
 from trimask.training.losses import focal_weight, mask_iou, mask_loss
 from trimask.training.scenes import Scene
@@ -53,11 +57,16 @@ FOCAL = 1.0  # the focal term's weight against dice in this fit (SAM's 20 emptie
 HIDDEN_INIT = 0.1  # std of the hidden units' first weights (their reads start at 0: the rule starts as it was)
 # The hidden units read the 2x grid's signed pairs (x, -x) of the clicks' marks, the previous answer, the
 # second marks and the distance from the clicks (FAR), each pair as its difference x, with no bias: without
-# clicks or a mask input (a box alone) every input is about 0 (the norms leave ~0.05) but the distance's,
-# which is then the same at every pixel; the box's and the constant's reads are kept (see the docstring for
-# what the distance costs boxes).
+# clicks or a mask input (a box alone) every input is about 0 (the norms leave ~0.05) but the distance's;
+# the box's gate (below) closes the units inside a box, and the box's and the constant's reads are kept.
 SIGNED_PAIRS = (*zip(range(3), UP_NEGATIVE), UP_PREV, *((c, c + 1) for c in UP_SECOND_IN), UP_FAR)
 KEPT_READS = (UP_BOX, UP_CONSTANT)
+# The box's gate, fixed: every unit also reads the 2x grid's box mark (channel UP_BOX: about 1.9 inside a box,
+# -0.083 where there is none, measured on the bundled tiny) at -BOX_GATE, which closes it inside a box
+# (GELU(-3.3) ~ 0), and the constant channel (about 7.8) at BOX_GATE x BOX_GATE_ZERO, which cancels the
+# gate where there is no box (-0.083 / 7.8), so a box alone is answered by the kept reads.
+BOX_GATE = 2.0
+BOX_GATE_ZERO = -0.0106
 
 
 def _up2(sam: Sam) -> torch.nn.ConvTranspose2d:
@@ -125,6 +134,8 @@ def fit_single(sam: Sam, data: list[tuple[torch.Tensor, torch.Tensor]], *, steps
     def weights() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = base_w.clone()
         w[:, hidden] = 0.0
+        w[UP_BOX, hidden] = -BOX_GATE
+        w[UP1_CONSTANT, hidden] = BOX_GATE * BOX_GATE_ZERO
         for k, (pos, neg) in enumerate(SIGNED_PAIRS):
             w[pos, hidden] = w_p[k]
             w[neg, hidden] = -w_p[k]
