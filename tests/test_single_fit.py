@@ -10,16 +10,12 @@ from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_FAR, UP_HID
                                             reads_hidden_units, second_marks, single_read)
 from trimask.training.evaluate import _iou, click_answers, clicked_scenes, first_answers
 from trimask.training.read_calibration import calibrate_reads
-from trimask.training.single_fit import BOX_GATE, BOX_GATE_ZERO, CLICKS, _logits, collect, fit_single
+from trimask.training.single_fit import BOX_GATE, BOX_GATE_ZERO, CLICKS, _logits, _up2, collect, fit_single
 from trimask.training.trainer import decode, to_frame
 
 from test_read_calibration import SCENES, _model
 
 STUBBORN = {"subpart": 0.5, "part": 0.5, "whole": 0.5, "box": 2.0, "prev": 4.0, "bias": 1.0}
-
-
-def _up2(sam):
-    return sam.mask_decoder.output_upscaling[3]
 
 
 def _protocol_ious(sam) -> list[float]:
@@ -92,6 +88,10 @@ def test_fit_repairs_a_stubborn_token0_and_changes_nothing_else():
     # kept: answered as before here (up to the other reads times the small values the norms leave in the
     # empty marks' channels).
     seen: list[torch.Tensor] = []
+
+    def _units(u: torch.Tensor) -> torch.Tensor:  # the hidden units' outputs on the 2x grid's channels u
+        return F.gelu(F.conv_transpose2d(u, w[:, hidden], stride=2))
+
     hook = _up2(sam).register_forward_pre_hook(lambda m, i: seen.append(i[0]))
     sam_before = _model(STUBBORN)
     try:
@@ -102,13 +102,13 @@ def test_fit_repairs_a_stubborn_token0_and_changes_nothing_else():
             seen.clear()
             with torch.no_grad():
                 after = decode(sam, emb, None, None, box, None, False)[0] > 0
-                units = F.gelu(F.conv_transpose2d(seen[0], w[:, hidden], stride=2))
+                units = _units(seen[0])
                 inside = F.interpolate((seen[0][:, UP_BOX : UP_BOX + 1] > 1).float(), scale_factor=2) > 0
                 assert inside.any() and float(units.abs().amax(1, keepdim=True)[inside].max()) < 0.05
                 seen.clear()
                 targets = [lv for i in inst for lv in i]
                 click_answers(sam, emb, hw, targets, first_answers(sam, emb, hw, targets), clicks=2)
-                assert float(F.gelu(F.conv_transpose2d(seen[-1], w[:, hidden], stride=2)).abs().max()) > 0.1
+                assert float(_units(seen[-1]).abs().max()) > 0.1
                 before_ = decode(sam_before, emb, None, None, box, None, False)[0] > 0
             assert before_.any() and float((after == before_).float().mean()) > 0.995
     finally:
