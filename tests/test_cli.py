@@ -161,6 +161,7 @@ def test_train_tiny_init_starts_from_the_given_weights(tmp_path: Path):
                                          (["--second-codes"], "--code-match-start"),
                                          (["--code-match-start", "--second-codes"], "--pattern-minutes"),
                                          (["--part-in-whole"], "--code-match-start"),
+                                         (["--negative-marks"], "--code-match-start"),
                                          (["--code-match-start", "--calibrate-cut-scenes", "2"], "--pattern-minutes"),
                                          (["--code-match-start", "--calibrate-cut-scenes", "-1"],
                                           "--calibrate-cut-scenes"),
@@ -348,6 +349,34 @@ def test_train_tiny_keeps_parts_within_wholes_and_trains_patterns_on_new_scenes(
     head = [k for k in bundled if k.startswith("image_encoder.pattern.")]
     assert any(not torch.equal(state[k], bundled[k]) for k in head)
     assert all(torch.equal(state[k], bundled[k]) for k in bundled if k not in head and k != reader)
+
+
+def test_train_tiny_lays_the_negative_marks_out_as_the_bundled_weights_have_them(tmp_path: Path):
+    import torch
+
+    from trimask.models.build import BUNDLED_TINY_CHECKPOINT, read_checkpoint
+    from trimask.training.decoder_start import NEG_HEAD, UP_NEG
+
+    bundled, bundled_extra = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
+    # The bundled weights without the negative marks: heads 5..7 of the second image->token attention and the
+    # first upscaling's channels they write, zero.
+    older = {k: v.clone() for k, v in bundled.items()}
+    i2t = "mask_decoder.transformer.layers.1.cross_attn_image_to_token."
+    heads = slice(16 * NEG_HEAD, 16 * (NEG_HEAD + 3))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        older[i2t + name + ".weight"][heads] = 0
+        older[i2t + name + ".bias"][heads] = 0
+    older[i2t + "out_proj.weight"][:, heads] = 0
+    older["mask_decoder.output_upscaling.0.weight"][:, UP_NEG[0] : UP_NEG[-1] + 2] = 0
+    changed = [k for k in bundled if not torch.equal(older[k], bundled[k])]
+    assert len(changed) >= 4
+    torch.save({"model": older, **bundled_extra}, tmp_path / "older.pt")
+    subprocess.run(TRIMASK + ["train-tiny", "--init", str(tmp_path / "older.pt"), "--steps", "0", "--negative-marks",
+                              "--threads", "1", "--out", str(tmp_path / "n.pt")],
+                   capture_output=True, text=True, check=True)
+    state, extra = read_checkpoint(tmp_path / "n.pt")
+    assert extra["negative_marks"] is True
+    assert all(torch.allclose(state[k].float(), bundled[k].float(), atol=2e-3) for k in bundled)
 
 
 def test_train_tiny_fits_token0_on_given_weights_and_changes_nothing_else(tmp_path: Path):

@@ -109,6 +109,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --code-match-start (or --init weights made with it): the part candidate also needs the "
                    "clicked whole's mark (it reads the whole's marks too, against a higher bias), so it no longer "
                    "spills onto parts of other objects that match its code; laid out, not trained")
+    p.add_argument("--negative-marks", action="store_true",
+                   help="with --code-match-start (or --init weights made with it): the decoder also marks, per level, "
+                   "the cells whose codes match a negative click's (the negative clicks alone), for the single-mask "
+                   "fit's hidden units (--fit-single-scenes): a cell matched by a positive and a negative click is then "
+                   "told from one matched by none; laid out, nothing else changes until that fit")
     p.add_argument("--calibrate-cut-scenes", type=int, default=0,
                    help="with a pattern head: after the code path, choose where the head cuts (the logit above which "
                    "a pixel is written as outside its cell's region) on this many uncropped training scenes, the "
@@ -276,9 +281,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     if args.second_codes and args.init is None and not args.code_match_start:
         raise TrimaskError("--second-codes works on the code-match layout; pass --code-match-start, or --init weights "
                            "made with it.")
-    if args.part_in_whole and args.init is None and not args.code_match_start:
-        raise TrimaskError("--part-in-whole works on the code-match layout; pass --code-match-start, or --init weights "
-                           "made with it.")
+    for flag, on in (("--part-in-whole", args.part_in_whole), ("--negative-marks", args.negative_marks)):
+        if on and args.init is None and not args.code_match_start:
+            raise TrimaskError(f"{flag} works on the code-match layout; pass --code-match-start, or --init weights "
+                               "made with it.")
     if args.pattern_minutes < 0 or args.pattern_batch < 1:
         raise TrimaskError("--pattern-minutes must be 0 or more and --pattern-batch 1 or more.")
     code_path = bool(args.code_path_steps or args.code_path_minutes)
@@ -331,6 +337,10 @@ def run_train_tiny(args: argparse.Namespace) -> int:
         from trimask.training.decoder_start import part_within_whole
 
         part_within_whole(sam)
+    if args.negative_marks:
+        from trimask.training.decoder_start import negative_marks
+
+        negative_marks(sam)
     sam.to(device)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr, prompts_per_image=4, rounds=args.rounds,
                       images_per_step=args.images_per_step,
@@ -433,7 +443,7 @@ def run_train_tiny(args: argparse.Namespace) -> int:
              "init": str(args.init) if args.init is not None else None,
              "init_record": init_extra if args.init is not None else None,  # how the starting weights were made
              "mark_strengths": args.mark_strengths, "second_codes": args.second_codes,
-             "part_in_whole": args.part_in_whole,
+             "part_in_whole": args.part_in_whole, "negative_marks": args.negative_marks,
              "code_match_start": args.code_match_start, "code_pretrain": code_summary,
              "pattern_pretrain": pattern_summary, "code_path": path_summary,
              "cut_calibration": cut, "match_calibration": calibration, "read_calibration": reads,

@@ -39,6 +39,9 @@ fixed channels of the embedding:
   an encoder has learned); the last upscaling's unused channels ``UP_HIDDEN`` can hold hidden units that
   token 0 also reads, fitted to its answers with SAM's mask loss (``trimask.training.single_fit``), which
   make that rule nonlinear;
+- negative marks: each level's mark of the negative clicks alone (``NEG_MARK``, ``negative_marks``), which
+  the fitted units also read, since a cell that a positive and a negative click both match has a mark of
+  about 0, as one that no click matches;
 - the final attention gives the tokens each mark's mean over the image (``AREA``), and the IoU token
   each mark's strength and objectness over the candidate itself (``STRENGTH``), for the IoU head.
 
@@ -172,6 +175,18 @@ LOCAL_GATE = 70.0  # FAR reaches the 4x grid as about 0.1, so a far cell's marks
 # held-out scenes against the hard AND of the two candidates (0.75 and 2.75; see the model card).
 PART_WHOLE_READ, PART_WHOLE_BIAS = 0.75, 2.75
 IOU_TYPE_KEY, IOU_TYPE_VALUE = 24.0, 16.0  # the IoU token's type channel after the norms: with its initial copy, alone
+# Negative marks (``negative_marks``): a level's mark is the clicks' labels weighed by how well their codes match
+# a cell's, so a cell matched by a positive and a negative click at that level (its part holds both) gets about
+# 0, as a cell matched by none. Heads 5..7 of the second image->token attention compare each cell's level codes
+# with the negative clicks' alone (a positive click's key holds its label against it, NEG_SUPPRESS sinks'
+# logits below the sink) into NEG_MARK, which the 2x grid carries as signed pairs (UP_NEG) for token 0's
+# fitted units (``trimask.training.single_fit``): with the mark, they tell "both clicks" from "no click".
+NEG_MARK = (88, 89, 91)
+NEG_HEAD = 5
+NEG_SUPPRESS = 2.0
+LABEL_KEY = 22.4  # a point token's label channel in the second layer's keys (measured; the IoU token's type 23.7)
+UP_NEG = (41, 43, 45)  # the 2x grid's level-l negative mark and its twin (+1)
+NEG_GAIN = 0.25  # a quarter of a mark's size: a cell's norm and the 2x grid's LayerNorm change by about 1 %
 
 
 def _one_hot(channel: int, value: float, dim: int = 256) -> torch.Tensor:
@@ -337,10 +352,13 @@ def set_match_gains(sam: Sam, gains: tuple[float, float, float]) -> None:
     chooses them for the codes an encoder has learned)."""
     bias = _match_heads(sam)
     second = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token.q_proj.weight
+    negative = _negative_heads(sam)
     for lv, gain in enumerate(gains):
         bias[16 * lv + 15] = gain
         # second codes (``second_marks``): the same sink, read from DENSE after the first layer's norm
         second[16 * (1 + lv) + 15, DENSE] = gain * SECOND_SIGMA / 10.0
+        if negative:  # and the negative marks' (``negative_marks``)
+            second[negative[lv] + 15, DENSE] = gain * SECOND_SIGMA / 10.0
 
 
 def match_gains(sam: Sam) -> tuple[float, float, float]:
@@ -448,6 +466,52 @@ def second_marks(sam: Sam) -> None:
         _single_second_reads(_single_reader(sam))
     if float(dec.output_hypernetworks_mlps[2].layers[-1].bias[2]) != 0.0:  # token 2 also reads the whole's marks
         part_within_whole(sam)
+
+
+def _negative_heads(sam: Sam) -> list[int]:
+    """The first channel of each negative-mark head that is laid out (``negative_marks``)."""
+    k = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token.k_proj.weight.detach()
+    return [d for d in (16 * (NEG_HEAD + lv) for lv in range(3)) if float(k[d + 15, SINK]) != 0.0]
+
+
+def has_negative_marks(sam: Sam) -> bool:
+    """Whether ``sam``'s decoder writes the negative clicks' marks (``negative_marks``)."""
+    return bool(_negative_heads(sam))
+
+
+@torch.no_grad()
+def negative_marks(sam: Sam) -> None:
+    """Write each level's mark of the negative clicks alone into ``NEG_MARK`` and the 2x grid (``UP_NEG``):
+    heads 5..7 of the second image->token attention compare a cell's own codes (after the first layer's norm,
+    as ``second_marks`` reads its second codes) with the negative clicks' codes against the comparison heads'
+    sinks (``set_match_gains``); a positive click's key carries its label, which puts it far below the sink.
+    Nothing reads them but token 0's fitted units (``trimask.training.single_fit``), so until a fit every answer
+    is what it was; with no negative click they are 0. Sets the weights afresh on weights that have them."""
+    i2t = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token
+    gain = CODE_SCALE * SECOND_SIGMA
+    for lv in range(3):
+        d = 16 * (NEG_HEAD + lv)
+        for proj in (i2t.q_proj, i2t.k_proj, i2t.v_proj):
+            proj.weight[d : d + 16] = 0.0
+            proj.bias[d : d + 16] = 0.0
+        i2t.out_proj.weight[:, d : d + 16] = 0.0
+        for j, ch in enumerate(CODE[lv][:COMPARED]):
+            i2t.q_proj.weight[d + j, ch] = gain
+            i2t.q_proj.weight[d + j, ZREF] = -gain
+            i2t.k_proj.weight[d + j, ch] = CODE_SCALE
+        # The sink's logit (1 + s) x, a negative click's s x (its label, -LABEL_KEY, against the IoU token's type),
+        # a positive one's -s x: the negatives are matched as the first layer matches every click.
+        i2t.k_proj.weight[d + 15, SINK] = 1.0 + NEG_SUPPRESS
+        _read_token(i2t.k_proj, d + 15, LABEL, -NEG_SUPPRESS * IOU_TYPE_KEY / LABEL_KEY)
+        _read_token(i2t.v_proj, d, LABEL, -1.0)
+        i2t.out_proj.weight[NEG_MARK[lv], d] = NEG_GAIN * MARK_GAIN / SECOND_SIGMA
+    set_match_gains(sam, match_gains(sam))
+    up1 = sam.mask_decoder.output_upscaling[0]
+    for lv in range(3):
+        up1.weight[:, [UP_NEG[lv], UP_NEG[lv] + 1]] = 0.0
+        for ch, sign in ((NEG_MARK[lv], 1.0), (ZREF, -1.0)):  # minus ZREF: the norms' shift
+            up1.weight[ch, UP_NEG[lv]] = sign * UP_MARK
+            up1.weight[ch, UP_NEG[lv] + 1] = -sign * UP_MARK
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ the 32 of the 4x grid, then a GELU) leaves channels ``UP_HIDDEN`` unused. The st
 units, the GELU of a linear form (per sub-pixel position, no bias) in the 2x grid's signed pairs of the
 clicks' marks, the previous answer, the second marks and how far each pixel is from every click
 (``SIGNED_PAIRS``; the distance is the subpart locality's ``FAR``, so a unit can weigh a mark by it as
-multimask token 1's subpart does), and fits their weights
+multimask token 1's subpart does; where the layout has them, also the negative clicks' own marks,
+``NEGATIVE_PAIRS``), and fits their weights
 together with what token 0 reads of the 32 channels (all but ``KEPT_READS``), with SAM's mask loss
 (dice + ``FOCAL`` x focal) on token 0's own answers:
 
@@ -45,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from trimask.models.sam import Sam
-from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_CONSTANT, UP_FAR, UP_HIDDEN, UP_NEGATIVE,
-                                            UP_PREV, UP_SECOND_IN, _single_reader as _reader)
+from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_CONSTANT, UP_FAR, UP_HIDDEN, UP_NEG, UP_NEGATIVE,
+                                            UP_PREV, UP_SECOND_IN, _single_reader as _reader, has_negative_marks)
 from trimask.training.evaluate import click_answers, clicked_scenes, first_answers
 from trimask.training.losses import focal_weight, mask_iou, mask_loss
 from trimask.training.scenes import Scene
@@ -61,6 +62,14 @@ HIDDEN_INIT = 0.1  # std of the hidden units' first weights (their reads start a
 # the box's gate (below) closes the units inside a box, and the box's and the constant's reads are kept.
 SIGNED_PAIRS = (*zip(range(3), UP_NEGATIVE), UP_PREV, *((c, c + 1) for c in UP_SECOND_IN), UP_FAR)
 KEPT_READS = (UP_BOX, UP_CONSTANT)
+# With the negative clicks' own marks laid out (``decoder_start.negative_marks``) the units read them too: a cell
+# matched by a positive and a negative click (mark about 0, negative mark high) is then told from one matched by none.
+NEGATIVE_PAIRS = tuple((c, c + 1) for c in UP_NEG)
+
+
+def signed_pairs(sam: Sam) -> tuple[tuple[int, int], ...]:
+    """The 2x grid's signed pairs that the hidden units read in ``sam``'s layout."""
+    return SIGNED_PAIRS + (NEGATIVE_PAIRS if has_negative_marks(sam) else ())
 # The box's gate, fixed: every unit also reads the 2x grid's box mark (channel UP_BOX: about 1.9 inside a box,
 # -0.083 where there is none, measured on the bundled tiny) at -BOX_GATE, which closes it inside a box
 # (GELU(-3.3) ~ 0), and the constant channel (about 7.8) at BOX_GATE x BOX_GATE_ZERO, which cancels the
@@ -125,7 +134,11 @@ def fit_single(sam: Sam, data: list[tuple[torch.Tensor, torch.Tensor]], *, steps
     hidden = list(UP_HIDDEN)
     base_w, base_b = up2.weight.detach().clone(), up2.bias.detach().clone()
     base_b[hidden] = 0.0
-    w_p = (torch.randn(len(SIGNED_PAIRS), len(hidden), 2, 2, generator=gen) * HIDDEN_INIT).requires_grad_()
+    pairs = signed_pairs(sam)
+    w_p = torch.randn(len(SIGNED_PAIRS), len(hidden), 2, 2, generator=gen) * HIDDEN_INIT
+    if len(pairs) > len(SIGNED_PAIRS):  # drawn after the others, so those start as without them
+        w_p = torch.cat([w_p, torch.randn(len(pairs) - len(SIGNED_PAIRS), len(hidden), 2, 2, generator=gen) * HIDDEN_INIT])
+    w_p.requires_grad_()
     r = reader.detach().clone()
     r[hidden] = 0.0
     r.requires_grad_()
@@ -136,7 +149,7 @@ def fit_single(sam: Sam, data: list[tuple[torch.Tensor, torch.Tensor]], *, steps
         w[:, hidden] = 0.0
         w[UP_BOX, hidden] = -BOX_GATE
         w[UP1_CONSTANT, hidden] = BOX_GATE * BOX_GATE_ZERO
-        for k, (pos, neg) in enumerate(SIGNED_PAIRS):
+        for k, (pos, neg) in enumerate(pairs):
             w[pos, hidden] = w_p[k]
             w[neg, hidden] = -w_p[k]
         rd = r.clone()
