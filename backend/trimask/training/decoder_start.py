@@ -178,8 +178,8 @@ IOU_TYPE_KEY, IOU_TYPE_VALUE = 24.0, 16.0  # the IoU token's type channel after 
 # Negative marks (``negative_marks``): a level's mark is the clicks' labels weighed by how well their codes match
 # a cell's, so a cell matched by a positive and a negative click at that level (its part holds both) gets about
 # 0, as a cell matched by none. Heads 5..7 of the second image->token attention compare each cell's level codes
-# with the negative clicks' alone (a positive click's key holds its label against it, NEG_SUPPRESS sinks'
-# logits below the sink) into NEG_MARK, which the 2x grid carries as signed pairs (UP_NEG) for token 0's
+# with the negative clicks' alone (each click's key holds its label: a negative click and the sink rise by
+# NEG_SUPPRESS sinks' logits, a positive click falls by as much) into NEG_MARK, which the 2x grid carries as signed pairs (UP_NEG) for token 0's
 # fitted units (``trimask.training.single_fit``): with the mark, they tell "both clicks" from "no click".
 NEG_MARK = (88, 89, 91)
 NEG_HEAD = 5

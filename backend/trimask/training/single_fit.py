@@ -66,16 +66,17 @@ KEPT_READS = (UP_BOX, UP_CONSTANT)
 # matched by a positive and a negative click (mark about 0, negative mark high) is then told from one matched by none.
 NEGATIVE_PAIRS = tuple((c, c + 1) for c in UP_NEG)
 
-
-def signed_pairs(sam: Sam) -> tuple[tuple[int, int], ...]:
-    """The 2x grid's signed pairs that the hidden units read in ``sam``'s layout."""
-    return SIGNED_PAIRS + (NEGATIVE_PAIRS if has_negative_marks(sam) else ())
 # The box's gate, fixed: every unit also reads the 2x grid's box mark (channel UP_BOX: about 1.9 inside a box,
 # -0.083 where there is none, measured on the bundled tiny) at -BOX_GATE, which closes it inside a box
 # (GELU(-3.3) ~ 0), and the constant channel (about 7.8) at BOX_GATE x BOX_GATE_ZERO, which cancels the
 # gate where there is no box (-0.083 / 7.8), so a box alone is answered by the kept reads.
 BOX_GATE = 2.0
 BOX_GATE_ZERO = -0.0106
+
+
+def signed_pairs(sam: Sam) -> tuple[tuple[int, int], ...]:
+    """The 2x grid's signed pairs that the hidden units read in ``sam``'s layout."""
+    return SIGNED_PAIRS + (NEGATIVE_PAIRS if has_negative_marks(sam) else ())
 
 
 def _up2(sam: Sam) -> torch.nn.ConvTranspose2d:
