@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trimask.training.decoder_start import (MARK, UP_HIDDEN, UP_NEG, UP_NEGATIVE, has_negative_marks, match_gains, negative_marks,
-                                            part_within_whole, pattern_gates, second_marks, set_match_gains,
-                                            subpart_locality)
+from trimask.training.decoder_start import (UP1_CONSTANT, UP_BOX, UP_HIDDEN, UP_NEG, UP_NEGATIVE, has_negative_marks,
+                                            match_gains, negative_marks, part_within_whole, pattern_gates,
+                                            second_marks, set_match_gains, subpart_locality)
 from trimask.training.evaluate import center_point
 from trimask.training.scenes import generate_scene
 from trimask.training.single_fit import NEGATIVE_PAIRS, SIGNED_PAIRS, _up2, collect, fit_single, signed_pairs
@@ -99,7 +99,16 @@ def test_negative_marks_keep_the_match_thresholds_and_are_laid_out_again_unchang
         lay_out(sam)
         changed = [k for k, v in sam.state_dict().items() if not torch.equal(v, before[k])]
         assert not changed, (lay_out.__name__, changed)
-    assert MARK[0] not in {c for pair in NEGATIVE_PAIRS for c in pair}
+
+
+def test_the_fits_pairs_read_each_channel_once():
+    sam, _ = _code_match_pair()
+    negative_marks(sam)
+    pairs = signed_pairs(sam)
+    assert pairs == SIGNED_PAIRS + NEGATIVE_PAIRS
+    # The 2x grid's channels: each read by one pair, none of them the box gate's fixed inputs.
+    channels = [c for pair in pairs for c in pair]
+    assert len(set(channels)) == len(channels) and not set(channels) & {UP_BOX, UP1_CONSTANT}
 
 
 def test_the_single_fit_reads_the_negative_marks_only_where_they_are_laid_out():
