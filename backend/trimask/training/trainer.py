@@ -84,6 +84,10 @@ class TrainConfig:
     # Train multimask candidate k on level k of a full hierarchy (subpart, part, whole) instead of SAM's
     # least-loss assignment: for the code-match layout, whose tokens read one level each.
     fixed_levels: bool = False
+    # The mask losses see the logits times this (the IoU head's target, the sign, is unchanged). 1: SAM's. The
+    # code-match layout's logits are soft, so a small region's soft dice stays near 1 whatever its IoU unless
+    # they are sharpened (``code_path.CodePathConfig.logit_scale``).
+    logit_scale: float = 1.0
 
 
 @dataclass
@@ -317,9 +321,10 @@ def image_step_loss(
             lb = torch.tensor(labels, dtype=torch.float32, device=dev)
         multimask = rnd == 0 and not box_start
         logits, iou_pred = decode(sam, embedding, pt, lb, boxes, prev, multimask, image_pe)
+        scored = logits * cfg.logit_scale if cfg.logit_scale != 1 else logits
         if multimask and not full_hierarchy:
-            m_loss, i_loss = losses.min_over_candidates_loss(logits, iou_pred, level_t)
-            per = losses.mask_loss(logits.flatten(0, 1), level_t[:, None].expand_as(logits).flatten(0, 1))
+            m_loss, i_loss = losses.min_over_candidates_loss(scored, iou_pred, level_t)
+            per = losses.mask_loss(scored.flatten(0, 1), level_t[:, None].expand_as(scored).flatten(0, 1))
             best = per.view(n, -1).argmin(1)
             prev = logits[rows, best][:, None].detach()
             stats["iou_r1_best"] = float(losses.mask_iou(prev[:, 0], level_t).mean())
@@ -327,7 +332,7 @@ def image_step_loss(
             # Candidate k is trained on level k (a layout whose tokens are built per level); a click with no
             # subpart (its subpart level repeats the part) leaves the subpart candidate out: that candidate is
             # kept near the click, and training it on a whole part teaches the codes to spill.
-            flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten(0, 1)
+            flat_logits, flat_targets = scored.flatten(0, 1), targets.flatten(0, 1)
             per = losses.mask_loss(flat_logits, flat_targets).view(n, 3)
             used = torch.ones_like(per, dtype=torch.bool)
             used[:, 0] = (targets[:, 0] != targets[:, 1]).flatten(1).any(1)
@@ -336,7 +341,7 @@ def image_step_loss(
             prev = logits[rows, torch.from_numpy(levels).to(dev)][:, None].detach()
             stats["iou_r1_matched"] = float(losses.mask_iou(flat_logits, flat_targets).mean())
         elif multimask:
-            m_loss, i_loss, assign = losses.matched_candidates_loss(logits, iou_pred, targets)
+            m_loss, i_loss, assign = losses.matched_candidates_loss(scored, iou_pred, targets)
             # Continue with the candidate matched to each interaction's level.
             idx = []
             for i in range(n):
@@ -346,8 +351,8 @@ def image_step_loss(
             matched = targets[rows[:, None], assign]
             stats["iou_r1_matched"] = float(losses.mask_iou(logits.flatten(0, 1), matched.flatten(0, 1)).mean())
         else:
-            m_loss = losses.mask_loss(logits[:, 0], level_t).mean()
-            i_loss = losses.iou_head_loss(iou_pred[:, 0], logits[:, 0], level_t)
+            m_loss = losses.mask_loss(scored[:, 0], level_t).mean()
+            i_loss = losses.iou_head_loss(iou_pred[:, 0], scored[:, 0], level_t)
             prev = logits.detach()
             stats[f"iou_r{rnd + 1}"] = float(losses.mask_iou(logits[:, 0], level_t).mean())
         total = total + m_loss + cfg.iou_loss_weight * i_loss
