@@ -194,8 +194,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a COCO annotation file",
-        description="Fine-tune the mask decoder (and with --train-encoder the image encoder) on COCO instance "
-        "masks with SAM's objectives and simulated prompting; writes a checkpoint build_sam loads.",
+        description="Fine-tune a model on COCO instance masks with SAM's objectives and simulated prompting; "
+        "writes a checkpoint build_sam loads. Official SAM: the mask decoder (and with --train-encoder the image "
+        "encoder). The embedded tiny model, whose decoder is laid out by hand: its encoder's code path, through "
+        "the decoder as it is (--recipe).",
     )
     f.add_argument("--model", required=True, help="model type (tiny, vit_b, ...)")
     f.add_argument("--checkpoint", type=Path, default=None, help="starting weights (tiny: bundled when omitted)")
@@ -207,9 +209,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and order (default 0)")
     f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to train (default: auto, CUDA when present)")
-    f.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
-    f.add_argument("--focal-weight", type=float, default=20.0,
-                   help="weight of the focal term against dice (SAM: 20, the default; 0 = dice alone)")
+    f.add_argument("--train-encoder", action="store_true", help="also train the image encoder (--recipe sam)")
+    f.add_argument("--focal-weight", type=float, default=None,
+                   help="weight of the focal term against dice (default: the recipe's, SAM's 20 or the code path's 1; "
+                   "0 = dice alone)")
+    f.add_argument("--recipe", default="auto", choices=("auto", "sam", "code-path"),
+                   help="sam: the decoder learns (SAM's recipe); code-path: the tiny encoder's code path learns through "
+                   "the laid-out decoder (logits x 4, no IoU loss); auto (default): code-path for a checkpoint made "
+                   "from the code-match layout, such as the bundled tiny, else sam")
     f.set_defaults(func=run_finetune)
 
 
