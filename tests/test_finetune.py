@@ -113,7 +113,7 @@ def test_the_code_match_layout_is_found_anywhere_in_the_record_chain():
     from trimask.training.finetune import uses_code_match_layout
 
     _, bundled = read_checkpoint(BUNDLED_TINY_CHECKPOINT)
-    assert uses_code_match_layout(bundled)  # its last commands started from --init; a record down the chain says
+    assert uses_code_match_layout(bundled)  # its last commands started from --init; a record down its chain says so
     assert uses_code_match_layout({"init_record": {"init_record": {"code_match_start": True}}})
     assert not uses_code_match_layout({"init_record": {"code_match_start": False, "init_record": None}})
     assert not uses_code_match_layout({})
