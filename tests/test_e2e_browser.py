@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trimask.training.evaluate import keep_clicked_regions
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +98,8 @@ class PythonDecoder:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.base = base
         self.embeddings: dict[int, np.ndarray] = {}
+        # The page's "clicked regions" default for the server's model (frontend/src/settings.ts).
+        self.clicked_regions = http_json(base, "/api/status").get("model") == "tiny"
 
     def embedding(self, image_id: int) -> np.ndarray:
         if image_id not in self.embeddings:
@@ -127,12 +131,22 @@ class PythonDecoder:
         names = ["iou_predictions", "low_res_masks", "areas"]
         return dict(zip(names, self.session.run(names, feeds)))
 
+    def masks(self, out: dict[str, np.ndarray], hw: tuple[int, int], points, labels) -> list[np.ndarray]:
+        """The four tokens' masks as the page keeps them: SAM's postprocessing, then, with the page's
+        "clicked regions" setting, only the regions that hold a positive click."""
+        masks = [sam_postprocess(out["low_res_masks"][0, t], hw) for t in range(4)]
+        positives = [pt for pt, lb in zip(points, labels) if lb == 1]
+        if self.clicked_regions and positives:
+            masks = [keep_clicked_regions(m, positives) for m in masks]
+        return masks
+
     @staticmethod
-    def token_for_level(out: dict[str, np.ndarray], level: str) -> int:
-        """The page's rule: tokens 1..3 sorted by area are subpart, part, whole; token 0 is single."""
+    def token_for_level(out: dict[str, np.ndarray], level: str, masks: list[np.ndarray] | None = None) -> int:
+        """The page's rule: tokens 1..3 sorted by area (of ``masks`` where given, as the page keeps them)
+        are subpart, part, whole; token 0 is single."""
         if level == "single":
             return 0
-        areas = out["areas"][0]
+        areas = out["areas"][0] if masks is None else [float(m.mean()) for m in masks]
         order = sorted([1, 2, 3], key=lambda t: (areas[t], t))
         return order[("subpart", "part", "whole").index(level)]
 
@@ -202,7 +216,10 @@ def images(tmp_path_factory) -> dict[str, dict]:
     d.rectangle((380, 100, 600, 340), fill=(60, 80, 220))
     d.rectangle((420, 140, 500, 220), fill=(240, 240, 240))
     im.save(folder / "b_shapes.png")
-    out["shapes"] = {"file": "b_shapes.png", "point": (250, 250), "box": (370, 90, 610, 350), "bg_point": (185, 165)}
+    # regions_point: on the blue rectangle, where the bundled tiny model's subpart candidate also covers
+    # specks away from the click (3 regions, 2,204 pixels; the click's own 1,897).
+    out["shapes"] = {"file": "b_shapes.png", "point": (250, 250), "box": (370, 90, 610, 350), "bg_point": (185, 165),
+                     "regions_point": (580, 300)}
     out["_dir"] = {"path": folder}
     return out
 
@@ -378,8 +395,9 @@ def check_parity(decoder: PythonDecoder, record: dict, ann: dict, mask_input: np
     hw = (record["height"], record["width"])
     p = ann["prompt"]
     out = decoder.run(record["id"], hw, p["points"], p["labels"], p["box"], mask_input)
-    token = decoder.token_for_level(out, ann["level"])
-    expected = sam_postprocess(out["low_res_masks"][0, token], hw)
+    masks = decoder.masks(out, hw, p["points"], p["labels"])
+    token = decoder.token_for_level(out, ann["level"], masks)
+    expected = masks[token]
     got = rle_to_mask(ann["segmentation"])
     assert got.shape == hw
     assert iou(got, expected) >= 0.999, f"{ann['level']}: IoU {iou(got, expected):.5f}"
@@ -565,8 +583,43 @@ def test_background_click_refines_the_chosen_candidate_like_python(annotator, se
     # Python replays the session: first click -> "whole" token's logits -> mask_input of the refinement.
     hw = (record["height"], record["width"])
     first = python_decoder.run(record["id"], hw, saved["prompt"]["points"][:1], [1])
-    token = python_decoder.token_for_level(first, "whole")
+    token = python_decoder.token_for_level(first, "whole", python_decoder.masks(first, hw, saved["prompt"]["points"][:1], [1]))
     check_parity(python_decoder, record, saved, mask_input=first["low_res_masks"][0, token])
+    assert_no_console_errors(a)
+
+
+@pytest.mark.skipif(not TRAINED_WEIGHTS, reason="needs the bundled tiny weights")
+def test_clicked_regions_cut_an_answer_to_the_clicked_region_unless_the_url_says_all(annotator, server, python_decoder, images):
+    """With the embedded tiny model the page keeps only the regions of an answer that hold a positive
+    click ("clicked regions", its default for tiny): the subpart candidate at this point is saved without
+    the specks it also covers. With ?regions=all the decoder's mask is saved whole. Both as Python gives."""
+    a = annotator
+    record = server["images"]["shapes"]
+    hw = (record["height"], record["width"])
+    x, y = images["shapes"]["regions_point"]
+    start = a.start_on(record)
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('clicked regions')")
+    a.click(record, x, y)
+    a.wait_candidates(3)
+    a.page.keyboard.press(LEVEL_KEYS["subpart"])
+    cut = a.accept(record, start + 1)
+    check_parity(python_decoder, record, cut)
+    points = cut["prompt"]["points"]
+    out = python_decoder.run(record["id"], hw, points, [1])
+    raw = sam_postprocess(out["low_res_masks"][0, python_decoder.token_for_level(out, "subpart")], hw)
+    got = rle_to_mask(cut["segmentation"])
+    assert (got <= raw).all() and got.sum() < raw.sum(), "the specks away from the click are cut"
+    assert got[int(points[0][1]), int(points[0][0])]
+
+    a.page.goto(f"{a.base}/?image={record['id']}&regions=all")
+    a.wait_ready(record["id"])
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
+    assert "clicked regions" not in a.page.inner_text("[data-testid=status]")
+    a.click(record, x, y)
+    a.wait_candidates(3)
+    a.page.keyboard.press(LEVEL_KEYS["subpart"])
+    whole = a.accept(record, start + 2)
+    assert iou(rle_to_mask(whole["segmentation"]), raw) >= 0.999
     assert_no_console_errors(a)
 
 

@@ -34,7 +34,8 @@ import {
   type PromptStep,
   type SessionState,
 } from "./session";
-import { readSettings } from "./settings";
+import { keepClickedRegions, keepPreviewRegion } from "./mask_regions";
+import { clickedRegionsFor, readSettings } from "./settings";
 import { installTimings } from "./timings";
 import type { Category, ImageInfo } from "./types";
 import { View } from "./view";
@@ -60,6 +61,8 @@ let hoverPreview: { preview: PreviewResult; imageId: number; x: number; y: numbe
 
 /** Created in start(), once the server's status says which decoder graphs it has. */
 let decoder: DecoderClient;
+/** Whether answers to clicks keep only their regions that hold a positive click (settings.ts); set in start(). */
+let clickedRegions = false;
 const maskEncoder = new MaskEncoder();
 
 /**
@@ -177,13 +180,21 @@ function decodeJob<K extends DecodeKind>(kind: K, image: ImageInfo, prompt: Prom
   return { kind, imageId: image.id, ...inputs, maskInput: prompt.maskInput, origHw: [image.height, image.width] };
 }
 
+/** The prompt's positive clicks (image pixels), which the "clicked regions" setting keeps the regions of. */
+function positiveClicks(prompt: PromptStep): [number, number][] {
+  return prompt.points.filter((_, i) => prompt.labels[i] === 1);
+}
+
 /** Decodes the current prompt; the result is kept only if the prompt has not changed meanwhile. */
 async function decodePrompt(t0: number): Promise<void> {
   if (!isReady() || isPromptEmpty(state.prompt)) return;
   const version = state.promptVersion;
   try {
-    const out = await decoder.decode(decodeJob("click", state.image!, state.prompt));
-    if (!out) return;
+    const image = state.image!;
+    const prompt = state.prompt;
+    const raw = await decoder.decode(decodeJob("click", image, prompt));
+    if (!raw) return;
+    const out = clickedRegions ? keepClickedRegions(raw, positiveClicks(prompt), image.height, image.width) : raw;
     const before = state;
     setState(applyResult(state, version, out));
     if (state !== before) {
@@ -200,9 +211,10 @@ async function hoverAt(x: number, y: number, t0: number): Promise<void> {
   const image = state.image!;
   try {
     const version = state.promptVersion;
-    const preview = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
+    const raw = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
     // A click or another image since then makes this preview stale.
-    if (!preview || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
+    if (!raw || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
+    const preview = clickedRegions ? keepPreviewRegion(raw, x, y, image.height, image.width) : raw;
     hoverPreview = { preview, imageId: image.id, x, y };
     draw();
     timings.hover.push(performance.now() - t0);
@@ -242,7 +254,7 @@ async function acceptChosen(): Promise<void> {
     const { image, result } = from;
     if (!image || !result) return;
     const logits = result.lowRes.subarray(candidate.token * LOW_RES_PIXELS, (candidate.token + 1) * LOW_RES_PIXELS);
-    const rle = await maskEncoder.encode(logits, image.height, image.width);
+    const rle = await maskEncoder.encode(logits, image.height, image.width, clickedRegions ? positiveClicks(from.prompt) : undefined);
     const body = annotationBody(from, rle);
     if (!body) return;
     const saved = await api.createAnnotation(image.id, body);
@@ -515,7 +527,9 @@ function wireInput(): void {
 // ---------------------------------------------------------------- start
 
 async function start(): Promise<void> {
-  decoder = createDecoder(await api.status().catch(() => null));
+  const serverStatus = await api.status().catch(() => null);
+  clickedRegions = settings.clickedRegions ?? clickedRegionsFor(serverStatus?.model);
+  decoder = createDecoder(serverStatus);
   wireInput();
   decoder
     .ready()
@@ -523,7 +537,7 @@ async function start(): Promise<void> {
       decoderReady = true;
       const threads = info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : "";
       const graphs = `${info.fastPath ? " · prepared fast path" : ""}${info.previewGraph ? " + hover graph" : ""}`;
-      const status = `decoder: ${info.backend}${threads}${graphs}`;
+      const status = `decoder: ${info.backend}${threads}${graphs}${clickedRegions ? " · clicked regions" : ""}`;
       view.setStatus(status);
       draw();
       void decoder.oneThreadWorkersReady().then((n) => n && view.setStatus(`${status} + ${n} × 1-thread worker`));

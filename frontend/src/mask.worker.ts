@@ -5,13 +5,16 @@
  */
 import { encodeMask } from "./coco_rle";
 import { postprocessLowRes } from "./mask_postprocess";
+import { keepClickedRegionsFull } from "./mask_regions";
 import type { MaskRequest, MaskResponse } from "./mask_encoder";
 
 self.onmessage = (event: MessageEvent<MaskRequest>) => {
-  const { id, lowRes, height, width } = event.data;
+  const { id, lowRes, height, width, positives } = event.data;
   let msg: MaskResponse;
   try {
-    msg = { id, rle: encodeMask(postprocessLowRes(lowRes, height, width)), error: null };
+    const mask = postprocessLowRes(lowRes, height, width);
+    if (positives?.length) keepClickedRegionsFull(mask, positives);
+    msg = { id, rle: encodeMask(mask), error: null };
   } catch (e) {
     msg = { id, rle: null, error: e instanceof Error ? e.message : String(e) };
   }

@@ -7,6 +7,8 @@ export interface MaskRequest {
   lowRes: Float32Array;
   height: number;
   width: number;
+  /** Positive clicks (image pixels): keep only the mask's regions that hold one ("clicked regions"); absent: the whole mask. */
+  positives?: [number, number][];
 }
 
 export interface MaskResponse {
@@ -31,13 +33,16 @@ export class MaskEncoder {
     };
   }
 
-  /** SAM's postprocessing of `lowRes` to height x width, encoded as pycocotools does. */
-  encode(lowRes: Float32Array, height: number, width: number): Promise<Rle> {
+  /**
+   * SAM's postprocessing of `lowRes` to height x width, encoded as pycocotools does; with `positives`
+   * (image pixels), only the regions that hold one of them (mask_regions.ts).
+   */
+  encode(lowRes: Float32Array, height: number, width: number, positives?: [number, number][]): Promise<Rle> {
     const id = this.nextId++;
     const copy = lowRes.slice();
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      const req: MaskRequest = { id, lowRes: copy, height, width };
+      const req: MaskRequest = { id, lowRes: copy, height, width, positives };
       this.worker.postMessage(req, [copy.buffer]);
     });
   }

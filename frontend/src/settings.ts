@@ -1,4 +1,4 @@
-/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&hoverpair=0&fast=0|1). */
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&hoverpair=0&fast=0|1&regions=clicked|all). */
 import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
 
 export interface Settings {
@@ -20,6 +20,18 @@ export interface Settings {
   oneThreadWorkers: number;
   /** The two-graph fast path: forced on (?fast=1) or off (?fast=0); null: when the server lists it. */
   fastPath: boolean | null;
+  /**
+   * "Clicked regions": answers to clicks keep only their connected regions that hold a positive click
+   * (?regions=clicked) or stay whole (?regions=all); null: the model's default (`clickedRegionsFor`).
+   */
+  clickedRegions: boolean | null;
+}
+
+/** The default of the "clicked regions" setting for the server's model (/api/status "model"): on for the
+ * embedded tiny model, whose answers also cover look-alike regions elsewhere, off for official SAM
+ * checkpoints, whose answers may rightly hold several regions (an object split by an occluder). */
+export function clickedRegionsFor(model: unknown): boolean {
+  return model === "tiny";
 }
 
 export function readSettings(search: string, hardwareConcurrency: number, crossOriginIsolated: boolean): Settings {
@@ -39,5 +51,6 @@ export function readSettings(search: string, hardwareConcurrency: number, crossO
     hoverGraph: q.get("hovergraph") !== "0",
     oneThreadWorkers: q.get("secondworker") === "0" ? 0 : q.get("hoverpair") === "0" ? 1 : 2,
     fastPath: q.get("fast") === "1" ? true : q.get("fast") === "0" ? false : null,
+    clickedRegions: q.get("regions") === "clicked" ? true : q.get("regions") === "all" ? false : null,
   };
 }

@@ -1,5 +1,6 @@
-"""Writes fixtures/reference.json: torch's bilinear numerics, SAM's mask postprocessing and
-pycocotools' RLE strings, for the Vitest suite to compare the browser code against.
+"""Writes fixtures/reference.json: torch's bilinear numerics, SAM's mask postprocessing,
+pycocotools' RLE strings and ``trimask eval``'s clicked regions, for the Vitest suite to compare the
+browser code against.
 
 Run once with the project's venv (needs torch, numpy, pycocotools):
     .venv/bin/python frontend/test/make_fixtures.py
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+
+from trimask.training.evaluate import keep_clicked_regions
 
 
 def b64(a: np.ndarray) -> str:
@@ -50,6 +53,15 @@ def rle_string(mask: np.ndarray) -> str:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
 
 
+def _regions_case(mask: np.ndarray, points: list[tuple[float, float]]) -> dict:
+    kept = keep_clicked_regions(mask, points)
+    return {
+        "h": mask.shape[0], "w": mask.shape[1], "points": points,
+        "bits": b64(np.packbits(mask.astype(np.uint8).ravel())),
+        "kept": b64(np.packbits(kept.astype(np.uint8).ravel())), "area": int(kept.sum()),
+    }
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     out: dict = {}
@@ -84,6 +96,21 @@ def main() -> None:
             "counts": rle_string(m), "area": int(m.sum()),
         })
     out["rle"] = masks
+
+    # Clicked regions (own generator, so the cases above stay as they were): masks of many regions,
+    # points on them, beside them and off the image; the mask trimask eval measures.
+    rng = np.random.default_rng(1)
+    regions = []
+    for h, w, density in [(40, 60, 0.3), (64, 48, 0.38), (33, 71, 0.35)]:
+        m = rng.random((h, w)) < density
+        on = np.argwhere(m)
+        for k in (1, 2, 3):
+            picks = on[rng.choice(len(on), k, replace=False)]
+            pts = [(float(c) + rng.uniform(0, 0.99), float(r) + rng.uniform(0, 0.99)) for r, c in picks]
+            regions.append(_regions_case(m, pts))
+        off = np.argwhere(~m)[0]
+        regions.append(_regions_case(m, [(float(off[1]) + 0.5, float(off[0]) + 0.5), (-3.0, 2.0), (w + 1.0, 0.0)]))
+    out["regions"] = regions
 
     path = Path(__file__).parent / "fixtures" / "reference.json"
     path.write_text(json.dumps(out) + "\n")

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { readSettings } from "../src/settings";
+import { clickedRegionsFor, readSettings } from "../src/settings";
 
 describe("page settings", () => {
   it("uses every core when cross-origin isolated, one thread otherwise", () => {
@@ -19,5 +19,17 @@ describe("page settings", () => {
   it("takes hover previews from the hover graph unless the URL says hovergraph=0", () => {
     expect(readSettings("", 2, true).hoverGraph).toBe(true);
     expect(readSettings("?hovergraph=0", 2, true)).toMatchObject({ hover: true, hoverGraph: false });
+  });
+});
+
+describe("clicked regions setting", () => {
+  it("follows the model unless the URL says regions=clicked or regions=all", () => {
+    expect(readSettings("", 2, true).clickedRegions).toBeNull();
+    expect(readSettings("?regions=clicked", 2, true).clickedRegions).toBe(true);
+    expect(readSettings("?regions=all", 2, true).clickedRegions).toBe(false);
+    expect(readSettings("?regions=nonsense", 2, true).clickedRegions).toBeNull();
+    expect(clickedRegionsFor("tiny")).toBe(true);
+    expect(clickedRegionsFor("vit_b")).toBe(false);
+    expect(clickedRegionsFor(undefined)).toBe(false);
   });
 });

@@ -189,6 +189,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--scenes", type=int, default=100, help="number of held-out generated scenes (default 100)")
     e.add_argument("--seed", type=int, default=0, help="offset into the held-out seed range")
     e.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--regions", choices=("clicked", "all"), default=None,
+                   help="measure the answers to clicks as the browser shows them: 'clicked' keeps only the connected "
+                   "regions that hold a positive click, 'all' the decoder's masks as they are (default: the browser's "
+                   "default for the model, clicked for tiny, all for the others)")
     e.set_defaults(func=run_eval)
 
     f = subparsers.add_parser(

@@ -15,6 +15,11 @@ centre of the largest error region (positive in a false negative, negative in a 
 single-mask output with the previous low-res logits as ``mask_input``. mIoU after 1, 3 and 5 clicks.
 And a box prompt: the tight bounding box of each level's mask alone, single-mask output, mIoU per level.
 Masks are compared at the image's resolution after SAM's postprocessing.
+
+With ``regions=True`` the masks are measured as the browser shows them with its "clicked regions" setting
+(the default for ``tiny``): each answer to clicks keeps only its connected regions that hold a positive
+click (``keep_clicked_regions``), and the protocol's next click is placed on that mask. The previous low-res
+logits go back as ``mask_input`` as the decoder gave them, as the browser sends them.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from trimask.models.sam import Sam
 from trimask.preprocess import get_preprocess_shape, preprocess
@@ -49,6 +55,21 @@ def postprocess(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def keep_clicked_regions(mask: np.ndarray, points: Iterable[tuple[float, float]]) -> np.ndarray:
+    """``mask`` (``H x W`` bool) with only its 8-connected regions that hold one of ``points`` (positive
+    clicks, ``(x, y)`` in pixels: pixel ``(floor(y), floor(x))``); unchanged when no point lies on it.
+    The browser's ``keepClickedRegions`` (frontend/src/mask_regions.ts) does the same."""
+    h, w = mask.shape
+    on = [(int(y), int(x)) for x, y in points if 0 <= x < w and 0 <= y < h and mask[int(y), int(x)]]
+    if not on:
+        return mask
+    regions, _ = ndimage.label(mask, structure=_EIGHT)
+    return np.isin(regions, [regions[r, c] for r, c in on])
 
 
 def center_point(mask: np.ndarray) -> tuple[float, float]:
@@ -87,8 +108,10 @@ def clicked_scenes(sam: Sam, scenes: Iterable[Scene], rng: np.random.Generator, 
 
 
 @torch.no_grad()
-def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: int = 0) -> dict[str, list[float]]:
-    """Per-click measurements on one scene (lists, to be averaged over scenes)."""
+def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: int = 0,
+                   regions: bool = False) -> dict[str, list[float]]:
+    """Per-click measurements on one scene (lists, to be averaged over scenes); ``regions``: the answers to
+    clicks as the browser's "clicked regions" setting shows them (``keep_clicked_regions``)."""
     rng = np.random.default_rng(seed)
     inst = click_instances(scene, clicks_per_scene, rng)
     res: dict[str, list[float]] = {k: [] for k in _metric_names()}
@@ -97,10 +120,13 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
     hw = scene.image.shape[:2]
     emb = sam.image_encoder(preprocess(scene.image))
     # Single click at each subpart's centre: the three candidates.
-    pts = torch.tensor(np.stack([to_frame(np.array([center_point(s)]), hw) for s, _, _ in inst]), dtype=torch.float32)
+    clicks = [center_point(s) for s, _, _ in inst]
+    pts = torch.tensor(np.stack([to_frame(np.array([c]), hw) for c in clicks]), dtype=torch.float32)
     lbl = torch.ones(len(inst), 1)
     logits, iou_pred = decode(sam, emb, pts, lbl, None, None, True)
     cands = postprocess(logits, hw).numpy()
+    if regions:
+        cands = np.stack([[keep_clicked_regions(m, [c]) for m in cs] for cs, c in zip(cands, clicks)])
     for n, levels in enumerate(inst):
         ious = np.array([[_iou(cands[n, k], levels[lv]) for lv in range(3)] for k in range(3)])  # cand x level
         for lv, name in enumerate(LEVELS):
@@ -113,7 +139,8 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
     targets = [levels[lv] for levels in inst for lv in range(3)]
     for j, m in enumerate(box_answers(sam, emb, hw, targets, rng)):
         res[f"box_{LEVELS[j % 3]}"].append(_iou(m, targets[j]))
-    for click, masks in enumerate(click_answers(sam, emb, hw, targets, first_answers(sam, emb, hw, targets)), 1):
+    first = first_answers(sam, emb, hw, targets)
+    for click, masks in enumerate(click_answers(sam, emb, hw, targets, first, regions=regions), 1):
         if click in CLICK_COUNTS:
             res[f"miou_{click}_clicks"].extend(_iou(m, t) for t, m in zip(targets, masks))
     return res
@@ -140,11 +167,12 @@ Answer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray], first: torch.Tensor,
-                  clicks: int = max(CLICK_COUNTS), answer: Answer | None = None) -> list[np.ndarray]:
+                  clicks: int = max(CLICK_COUNTS), answer: Answer | None = None, regions: bool = False) -> list[np.ndarray]:
     """The standard protocol from the ``first`` answers (``first_answers``): each next click at the
     centre of the largest error region, single-mask output with the previous logits as the mask input.
     Returns the masks after each of ``clicks`` clicks (``N x H x W`` bool each; the first is ``first``'s).
-    ``answer(click, points, labels, previous logits)`` gives a click's logits in place of the decoder."""
+    ``answer(click, points, labels, previous logits)`` gives a click's logits in place of the decoder.
+    ``regions``: each mask keeps only its regions that hold a positive click (``keep_clicked_regions``)."""
     if answer is None:
         answer = lambda click, pt, lb, prev: decode(sam, emb, pt, lb, None, prev, False)[0]  # noqa: E731
     points: list[list[tuple[float, float]]] = [[center_point(t)] for t in targets]
@@ -156,6 +184,9 @@ def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: lis
             lb = torch.tensor(labels, dtype=torch.float32, device=emb.device)
             prev = answer(click, pt, lb, prev)
         masks = postprocess(prev.cpu(), hw)[:, 0].numpy()
+        if regions:
+            masks = np.stack([keep_clicked_regions(m, [p for p, lb in zip(pi, li) if lb == 1])
+                              for m, pi, li in zip(masks, points, labels)])
         out.append(masks)
         if click == clicks:
             break
@@ -180,8 +211,10 @@ def evaluate(
     seed: int = 0,
     clicks_per_scene: int = 2,
     progress: Callable[[int], None] | None = None,
+    regions: bool = False,
 ) -> dict[str, float]:
-    """Mean metrics over ``scenes`` held-out scenes (seeds EVAL_SEED_BASE + seed * 100000 + i), each in [0, 1].
+    """Mean metrics over ``scenes`` held-out scenes (seeds EVAL_SEED_BASE + seed * 100000 + i), each in [0, 1];
+    ``regions``: the answers to clicks as the browser's "clicked regions" setting shows them.
 
     Also returns ``clicks`` (the number of clicked instances) and ``scenes``.
     """
@@ -189,7 +222,8 @@ def evaluate(
     acc: dict[str, list[float]] = {k: [] for k in _metric_names()}
     for i in range(scenes):
         scene_seed = EVAL_SEED_BASE + seed * 100_000 + i
-        r = evaluate_scene(sam, generate_scene(scene_seed), clicks_per_scene=clicks_per_scene, seed=scene_seed)
+        r = evaluate_scene(sam, generate_scene(scene_seed), clicks_per_scene=clicks_per_scene, seed=scene_seed,
+                           regions=regions)
         for k, v in r.items():
             acc[k].extend(v)
         if progress:
@@ -198,6 +232,14 @@ def evaluate(
     out["clicks"] = len(acc["ranked_first"])
     out["scenes"] = scenes
     return out
+
+
+def default_regions(model: str) -> str:
+    """The browser's default for the "clicked regions" setting with ``model`` (frontend/src/settings.ts):
+    ``clicked`` for the embedded tiny model, whose codes also match look-alike regions elsewhere in the
+    image, ``all`` for official checkpoints, whose answers may rightly hold several regions (an object
+    split by an occluder)."""
+    return "clicked" if model == "tiny" else "all"
 
 
 def format_metrics(m: dict[str, float]) -> str:
@@ -215,9 +257,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     if args.scenes < 1:
         raise TrimaskError("--scenes must be at least 1.")
+    regions = args.regions or default_regions(args.model)
     sam = build_sam(args.model, args.checkpoint)
     with tqdm(total=args.scenes, desc="eval", unit="scene", file=sys.stderr) as bar:
-        metrics = evaluate(sam, scenes=args.scenes, seed=args.seed, progress=bar.update)
+        metrics: dict = evaluate(sam, scenes=args.scenes, seed=args.seed, progress=bar.update,
+                                 regions=regions == "clicked")
+    metrics["regions"] = regions
     print(format_metrics(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
