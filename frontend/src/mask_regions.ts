@@ -2,7 +2,7 @@
  * "Clicked regions": an answer to clicks keeps only its 8-connected regions that hold a positive
  * click. The embedded tiny model marks every cell whose region code matches the click's, so a
  * candidate can also cover look-alike regions elsewhere in the image; measured on its held-out
- * scenes this raises every first-click and 5-click number (backend/trimask/weights/MODEL_CARD.md).
+ * scenes this raises every IoU after clicks: best-of-three, ranked-first, 1 / 3 / 5 clicks (MODEL_CARD.md).
  * A region the annotator wants too (an object split by an occluder) is kept by clicking it.
  * trimask.training.evaluate.keep_clicked_regions does the same for `trimask eval`.
  */
