@@ -28,7 +28,8 @@ click on the worker lately faster: one thread beats two when other work holds a 
 previews on the two one-thread workers side by side; see frontend/src/decoder_client.ts); "fast1w"
 times the fast path without them, "fastnopair" with one (previews one at a time), "fastclickgraph" with hover
 previews from the per-click graph instead of the hover graph (export/hover_decoder.py), "fastall" the fast path
-without the "clicked regions" cut (frontend/src/mask_regions.ts; the tiny model's default), and the official
+without the "clicked regions" cut (frontend/src/mask_regions.ts; the tiny model's default), "fastnosnap" the fast
+path without snapped edges (frontend/src/edge_snap.ts; the tiny model's default), and the official
 style always runs as a plain page would: one worker with all the threads. After each click or
 hover the benchmark waits until the page decodes nothing (its background probes included).
 
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="which decoders to time, of fp32, quantized, fast, fast1w (fast without the one-thread "
                              "workers), fastnopair (fast with one one-thread worker: no hover pair), fastclickgraph "
                              "(fast, previews from the per-click graph), fastall (fast without the clicked-regions cut), "
+                             "fastnosnap (fast without snapped edges), "
                              "official (always timed: the ratios need it)")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
@@ -374,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fastclickgraph": ("trimask fp32 + prepared fast path, previews from the click graph", "fast=1&hovergraph=0"),
                 # The fast path with every answer's regions kept (the "clicked regions" cut off; on by default for tiny).
                 "fastall": ("trimask fp32 + prepared fast path, regions=all", "fast=1&regions=all"),
+                # The fast path with the decoder's own edges (snapped edges off; on by default for tiny).
+                "fastnosnap": ("trimask fp32 + prepared fast path, edges=off", "fast=1&edges=off"),
                 # SAM's export style as a plain onnxruntime-web page would run it: one worker, all threads.
                 "official": ("official style fp32", f"style=official&decoder={OFFICIAL_URL}&secondworker=0"),
             }

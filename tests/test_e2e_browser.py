@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trimask.edge_snap import snap
 from trimask.training.evaluate import keep_clicked_regions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -98,8 +99,20 @@ class PythonDecoder:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.base = base
         self.embeddings: dict[int, np.ndarray] = {}
-        # The page's "clicked regions" default for the server's model (frontend/src/settings.ts).
-        self.clicked_regions = http_json(base, "/api/status").get("model") == "tiny"
+        # The page's "clicked regions" and "snap edges" defaults for the server's model (frontend/src/settings.ts).
+        self.clicked_regions = self.snap_edges = http_json(base, "/api/status").get("model") == "tiny"
+        self.pixels: dict[int, np.ndarray] = {}
+
+    def image(self, image_id: int) -> np.ndarray:
+        """The image's RGB pixels as the server serves them."""
+        if image_id not in self.pixels:
+            import io
+
+            from PIL import Image
+
+            raw = http_bytes(self.base, f"/api/images/{image_id}/file")
+            self.pixels[image_id] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        return self.pixels[image_id]
 
     def embedding(self, image_id: int) -> np.ndarray:
         if image_id not in self.embeddings:
@@ -131,12 +144,18 @@ class PythonDecoder:
         names = ["iou_predictions", "low_res_masks", "areas"]
         return dict(zip(names, self.session.run(names, feeds)))
 
-    def masks(self, out: dict[str, np.ndarray], hw: tuple[int, int], points, labels) -> list[np.ndarray]:
-        """The four tokens' masks as the page keeps them: SAM's postprocessing, then, with the page's
-        "clicked regions" setting, only the regions that hold a positive click."""
-        masks = [sam_postprocess(out["low_res_masks"][0, t], hw) for t in range(4)]
+    def masks(self, out: dict[str, np.ndarray], hw: tuple[int, int], points, labels, image_id: int | None = None,
+              regions: bool | None = None, edges: bool | None = None) -> list[np.ndarray]:
+        """The four tokens' masks as the page keeps them: SAM's postprocessing or, with the page's "snap
+        edges" setting (and ``image_id``), snapped to the image's edges (trimask.edge_snap); then, with its
+        "clicked regions" setting, only the regions that hold a positive click. ``regions`` / ``edges``
+        override the page's defaults."""
+        if (self.snap_edges if edges is None else edges) and image_id is not None:
+            masks = [snap(out["low_res_masks"][0, t], self.image(image_id)) for t in range(4)]
+        else:
+            masks = [sam_postprocess(out["low_res_masks"][0, t], hw) for t in range(4)]
         positives = [pt for pt, lb in zip(points, labels) if lb == 1]
-        if self.clicked_regions and positives:
+        if (self.clicked_regions if regions is None else regions) and positives:
             masks = [keep_clicked_regions(m, positives) for m in masks]
         return masks
 
@@ -177,8 +196,8 @@ def frontend_dist() -> Path:
     return FRONTEND / "dist"
 
 
-def _scene_image(size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A generated scene and a point deep inside its largest part (x, y), or None without the generator."""
+def _scene_image(size: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """A generated scene, a point deep inside its largest part (x, y) and that part's mask."""
     from scipy import ndimage
 
     from trimask.training.scenes import generate_scene
@@ -190,7 +209,7 @@ def _scene_image(size: int) -> tuple[np.ndarray, tuple[int, int]]:
     part = parts[np.argmax(pcounts)]
     depth = ndimage.distance_transform_edt(scene.part_map == part)
     y, x = np.unravel_index(np.argmax(depth), depth.shape)
-    return scene.image, (int(x), int(y))
+    return scene.image, (int(x), int(y)), scene.part_map == part
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +220,15 @@ def images(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("images")
     out: dict[str, dict] = {}
     try:
-        pixels, point = _scene_image(512)
+        pixels, point, part = _scene_image(512)
         Image.fromarray(pixels).save(folder / "a_scene.png")
     except ImportError:
         im = Image.new("RGB", (512, 512), (70, 120, 170))
         ImageDraw.Draw(im).ellipse((100, 120, 400, 420), fill=(230, 180, 40))
         im.save(folder / "a_scene.png")
         point = (250, 270)
-    out["scene"] = {"file": "a_scene.png", "point": point}
+        part = None
+    out["scene"] = {"file": "a_scene.png", "point": point, "part": part}
     im = Image.new("RGB", (640, 400), (40, 90, 40))
     d = ImageDraw.Draw(im)
     d.ellipse((80, 60, 300, 300), fill=(220, 60, 60))
@@ -216,8 +236,8 @@ def images(tmp_path_factory) -> dict[str, dict]:
     d.rectangle((380, 100, 600, 340), fill=(60, 80, 220))
     d.rectangle((420, 140, 500, 220), fill=(240, 240, 240))
     im.save(folder / "b_shapes.png")
-    # regions_point: on the blue rectangle, where the bundled tiny model's subpart candidate also covers
-    # specks away from the click (3 regions, 2,204 pixels; the click's own 1,897).
+    # regions_point: on the blue rectangle, where the bundled tiny model's subpart candidate, its edges not
+    # snapped, also covers specks away from the click (3 regions, 2,204 pixels; the click's own 1,897).
     out["shapes"] = {"file": "b_shapes.png", "point": (250, 250), "box": (370, 90, 610, 350), "bg_point": (185, 165),
                      "regions_point": (580, 300)}
     out["_dir"] = {"path": folder}
@@ -390,12 +410,14 @@ def assert_no_console_errors(a: Annotator) -> None:
     assert a.errors == [], f"console errors: {a.errors}"
 
 
-def check_parity(decoder: PythonDecoder, record: dict, ann: dict, mask_input: np.ndarray | None = None) -> dict:
-    """The saved mask equals Python onnxruntime's output for the saved prompt (IoU >= 0.999)."""
+def check_parity(decoder: PythonDecoder, record: dict, ann: dict, mask_input: np.ndarray | None = None,
+                 edges: bool | None = None) -> dict:
+    """The saved mask equals Python onnxruntime's output for the saved prompt (IoU >= 0.999), kept as the
+    page keeps it (``edges``: whether the page snapped edges, when not its default)."""
     hw = (record["height"], record["width"])
     p = ann["prompt"]
     out = decoder.run(record["id"], hw, p["points"], p["labels"], p["box"], mask_input)
-    masks = decoder.masks(out, hw, p["points"], p["labels"])
+    masks = decoder.masks(out, hw, p["points"], p["labels"], record["id"], edges=edges)
     token = decoder.token_for_level(out, ann["level"], masks)
     expected = masks[token]
     got = rle_to_mask(ann["segmentation"])
@@ -583,7 +605,8 @@ def test_background_click_refines_the_chosen_candidate_like_python(annotator, se
     # Python replays the session: first click -> "whole" token's logits -> mask_input of the refinement.
     hw = (record["height"], record["width"])
     first = python_decoder.run(record["id"], hw, saved["prompt"]["points"][:1], [1])
-    token = python_decoder.token_for_level(first, "whole", python_decoder.masks(first, hw, saved["prompt"]["points"][:1], [1]))
+    first_masks = python_decoder.masks(first, hw, saved["prompt"]["points"][:1], [1], record["id"])
+    token = python_decoder.token_for_level(first, "whole", first_masks)
     check_parity(python_decoder, record, saved, mask_input=first["low_res_masks"][0, token])
     assert_no_console_errors(a)
 
@@ -592,26 +615,30 @@ def test_background_click_refines_the_chosen_candidate_like_python(annotator, se
 def test_clicked_regions_cut_an_answer_to_the_clicked_region_unless_the_url_says_all(annotator, server, python_decoder, images):
     """With the embedded tiny model the page keeps only the regions of an answer that hold a positive
     click ("clicked regions", its default for tiny): the subpart candidate at this point is saved without
-    the specks it also covers. With ?regions=all the decoder's mask is saved whole. Both as Python gives."""
+    the specks it also covers. With ?regions=all the decoder's mask is saved whole. Both as Python gives.
+    (Edges not snapped, ?edges=off: snapped, this answer has no specks.)"""
     a = annotator
     record = server["images"]["shapes"]
     hw = (record["height"], record["width"])
     x, y = images["shapes"]["regions_point"]
-    start = a.start_on(record)
+    start = len(a.server_annotations(record["id"]))
+    a.page.goto(f"{a.base}/?image={record['id']}&edges=off")
+    a.wait_ready(record["id"])
     a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('clicked regions')")
     a.click(record, x, y)
     a.wait_candidates(3)
     a.page.keyboard.press(LEVEL_KEYS["subpart"])
     cut = a.accept(record, start + 1)
-    check_parity(python_decoder, record, cut)
+    check_parity(python_decoder, record, cut, edges=False)
     points = cut["prompt"]["points"]
     out = python_decoder.run(record["id"], hw, points, [1])
-    raw = sam_postprocess(out["low_res_masks"][0, python_decoder.token_for_level(out, "subpart")], hw)
+    uncut = python_decoder.masks(out, hw, points, [1], record["id"], regions=False, edges=False)
+    raw = uncut[python_decoder.token_for_level(out, "subpart", uncut)]
     got = rle_to_mask(cut["segmentation"])
     assert (got <= raw).all() and got.sum() < raw.sum(), "the specks away from the click are cut"
     assert got[int(points[0][1]), int(points[0][0])]
 
-    a.page.goto(f"{a.base}/?image={record['id']}&regions=all")
+    a.page.goto(f"{a.base}/?image={record['id']}&regions=all&edges=off")
     a.wait_ready(record["id"])
     a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
     assert "clicked regions" not in a.page.inner_text("[data-testid=status]")
@@ -620,6 +647,45 @@ def test_clicked_regions_cut_an_answer_to_the_clicked_region_unless_the_url_says
     a.page.keyboard.press(LEVEL_KEYS["subpart"])
     whole = a.accept(record, start + 2)
     assert iou(rle_to_mask(whole["segmentation"]), raw) >= 0.999
+    assert_no_console_errors(a)
+
+
+@pytest.mark.skipif(not TRAINED_WEIGHTS, reason="needs the bundled tiny weights")
+def test_snapped_edges_fit_the_scene_unless_the_url_says_off(annotator, server, python_decoder, images):
+    """With the embedded tiny model the page snaps every answer's edges to the image's colour edges ("snap
+    edges", its default for tiny): the part saved at the scene's point is the snapped mask Python gives,
+    closer to the scene's true part than the decoder's own mask. With ?edges=off the page saves the
+    decoder's mask (SAM's postprocessing)."""
+    part = images["scene"]["part"]
+    if part is None:
+        pytest.skip("no scene generator")
+    a = annotator
+    record = server["images"]["scene"]
+    hw = (record["height"], record["width"])
+    x, y = images["scene"]["point"]
+    start = a.start_on(record)
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('snapped edges')")
+    a.click(record, x, y)
+    a.wait_candidates(3)
+    a.page.keyboard.press(LEVEL_KEYS["part"])
+    snapped = a.accept(record, start + 1)
+    check_parity(python_decoder, record, snapped)
+    points = snapped["prompt"]["points"]
+    out = python_decoder.run(record["id"], hw, points, [1])
+    plain = python_decoder.masks(out, hw, points, [1], record["id"], edges=False)
+    decoders = plain[python_decoder.token_for_level(out, "part", plain)]
+    got = rle_to_mask(snapped["segmentation"])
+    assert iou(got, part) > iou(decoders, part) + 0.01, (iou(got, part), iou(decoders, part))
+
+    a.page.goto(f"{a.base}/?image={record['id']}&edges=off")
+    a.wait_ready(record["id"])
+    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
+    assert "snapped edges" not in a.page.inner_text("[data-testid=status]")
+    a.click(record, x, y)
+    a.wait_candidates(3)
+    a.page.keyboard.press(LEVEL_KEYS["part"])
+    off = a.accept(record, start + 2)
+    assert iou(rle_to_mask(off["segmentation"]), decoders) >= 0.999
     assert_no_console_errors(a)
 
 

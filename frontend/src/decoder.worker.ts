@@ -182,10 +182,12 @@ async function decode(req: DecodeRequest, reply = true): Promise<void> {
       const preview = await hoverSession.run(fastFeeds, [...HOVER_OUTPUTS]);
       const [, , displayH, displayW] = preview.display_mask.dims as number[];
       const display = owned(preview.display_mask.data as Uint8Array);
+      const lowRes = owned(preview.low_res_mask.data as Float32Array);
+      const lowResW = (preview.low_res_mask.dims as number[])[3];
       const token = Number((preview.best_token.data as BigInt64Array)[0]);
       const iou = preview.iou_predictions.data as Float32Array;
-      const msg: WorkerMessage = { type: "preview", id: req.id, token, iou, display, displayH, displayW, decodeMs: performance.now() - t0 };
-      if (reply) post(msg, [display.buffer]);
+      const msg: WorkerMessage = { type: "preview", id: req.id, token, iou, display, displayH, displayW, lowRes, lowResW, decodeMs: performance.now() - t0 };
+      if (reply) post(msg, [display.buffer, lowRes.buffer]);
       return;
     }
     out = await preparedSession.run(fastFeeds, names);

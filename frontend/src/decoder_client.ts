@@ -30,6 +30,7 @@
  * graph computes just that, otherwise the best candidate is taken from the full output (which the
  * preview then carries, so a click there can use it).
  */
+import { LOW_RES } from "./mask_postprocess";
 import { bestCandidate, candidatesFor, type DecodeOutput } from "./session";
 import type { DecodeRequest, DecoderStyle, ExecutionBackend, FastPathUrls, Preview, PromptInputs, WorkerMessage, WorkerRequest } from "./worker_protocol";
 
@@ -76,7 +77,9 @@ export function toPreview(out: Answer): PreviewResult {
   const token = candidates[bestCandidate(candidates)].token;
   const pixels = out.displayH * out.displayW;
   const display = out.display.subarray(token * pixels, (token + 1) * pixels);
-  return { token, iou: out.iou, display, displayH: out.displayH, displayW: out.displayW, decodeMs: out.decodeMs, full: out };
+  const frame = LOW_RES * LOW_RES;
+  const lowRes = out.lowRes.subarray(token * frame, (token + 1) * frame);
+  return { token, iou: out.iou, display, displayH: out.displayH, displayW: out.displayW, lowRes, lowResW: LOW_RES, decodeMs: out.decodeMs, full: out };
 }
 
 /** Resolved with the output, or null when a newer request superseded this one. */

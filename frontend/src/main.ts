@@ -30,12 +30,14 @@ import {
   setCurrentCategory,
   toggleHidden,
   undo,
+  type DecodeOutput,
   type Effect,
   type PromptStep,
   type SessionState,
 } from "./session";
+import { imageSnap, snapOutput, snapPreview, type ImageSnap } from "./edge_snap";
 import { keepClickedRegions, keepPreviewRegion } from "./mask_regions";
-import { clickedRegionsFor, readSettings } from "./settings";
+import { clickedRegionsFor, readSettings, snapEdgesFor } from "./settings";
 import { installTimings } from "./timings";
 import type { Category, ImageInfo } from "./types";
 import { View } from "./view";
@@ -63,6 +65,9 @@ let hoverPreview: { preview: PreviewResult; imageId: number; x: number; y: numbe
 let decoder: DecoderClient;
 /** Whether answers to clicks keep only their regions that hold a positive click (settings.ts); set in start(). */
 let clickedRegions = false;
+/** "Snap edges" (edge_snap.ts): on, and the open image's data for it once its pixels are read. */
+let snapEdges = false;
+let snapData: ImageSnap | null = null;
 const maskEncoder = new MaskEncoder();
 
 /**
@@ -131,6 +136,7 @@ async function openImageAt(index: number): Promise<void> {
   imageIndex = index;
   const image = images[index];
   embeddingReady = false;
+  snapData = null;
   hoverPreview = null;
   decoder.cancelHover();
   viewTransform = IDENTITY_VIEW;
@@ -142,6 +148,7 @@ async function openImageAt(index: number): Promise<void> {
   try {
     const [objects, embedding] = await Promise.all([api.annotations(image.id), api.embedding(image.id), view.imageLoaded()]);
     if (token !== openToken) return;
+    if (snapEdges) readPixels(image);
     setState(openImage(state, image, objects));
     view.setLoading("Loading the decoder…");
     await decoder.ready();
@@ -180,6 +187,30 @@ function decodeJob<K extends DecodeKind>(kind: K, image: ImageInfo, prompt: Prom
   return { kind, imageId: image.id, ...inputs, maskInput: prompt.maskInput, origHw: [image.height, image.width] };
 }
 
+/** Reads the open image's pixels for "snap edges": the snap data here, the pixels to the mask worker. */
+function readPixels(image: ImageInfo): void {
+  const pixels = view.imagePixels(image.height, image.width);
+  if (!pixels) {
+    console.warn(`trimask: the pixels of ${image.file_name} could not be read; its edges are not snapped`);
+    return;
+  }
+  snapData = imageSnap(image.id, pixels, image.height, image.width);
+  maskEncoder.setImage(image.id, pixels, image.height, image.width);
+}
+
+/** The open image's snap data when "snap edges" is on and it is for `image`. */
+function snapFor(image: ImageInfo): ImageSnap | null {
+  return snapData?.imageId === image.id ? snapData : null;
+}
+
+/** A decode's output as the page shows it: snapped to the image's edges, then cut to its clicked regions
+ * (each when its setting is on). */
+function shown<T extends DecodeOutput>(raw: T, prompt: PromptStep, image: ImageInfo): T {
+  const snap = snapFor(image);
+  const snapped = snap ? snapOutput(raw, snap) : raw;
+  return clickedRegions ? keepClickedRegions(snapped, positiveClicks(prompt), image.height, image.width) : snapped;
+}
+
 /** The prompt's positive clicks (image pixels), which the "clicked regions" setting keeps the regions of. */
 function positiveClicks(prompt: PromptStep): [number, number][] {
   return prompt.points.filter((_, i) => prompt.labels[i] === 1);
@@ -194,7 +225,7 @@ async function decodePrompt(t0: number): Promise<void> {
     const prompt = state.prompt;
     const raw = await decoder.decode(decodeJob("click", image, prompt));
     if (!raw) return;
-    const out = clickedRegions ? keepClickedRegions(raw, positiveClicks(prompt), image.height, image.width) : raw;
+    const out = shown(raw, prompt, image);
     const before = state;
     setState(applyResult(state, version, out));
     if (state !== before) {
@@ -214,7 +245,9 @@ async function hoverAt(x: number, y: number, t0: number): Promise<void> {
     const raw = await decoder.decode(decodeJob("hover", image, { points: [[x, y]], labels: [1], box: null, maskInput: null }));
     // A click or another image since then makes this preview stale.
     if (!raw || version !== state.promptVersion || !isPromptEmpty(state.prompt) || !pointerOnStage) return;
-    const preview = clickedRegions ? keepPreviewRegion(raw, x, y, image.height, image.width) : raw;
+    const snap = snapFor(image);
+    const snapped = snap ? snapPreview(raw, snap) : raw;
+    const preview = clickedRegions ? keepPreviewRegion(snapped, x, y, image.height, image.width) : snapped;
     hoverPreview = { preview, imageId: image.id, x, y };
     draw();
     timings.hover.push(performance.now() - t0);
@@ -254,7 +287,8 @@ async function acceptChosen(): Promise<void> {
     const { image, result } = from;
     if (!image || !result) return;
     const logits = result.lowRes.subarray(candidate.token * LOW_RES_PIXELS, (candidate.token + 1) * LOW_RES_PIXELS);
-    const rle = await maskEncoder.encode(logits, image.height, image.width, clickedRegions ? positiveClicks(from.prompt) : undefined);
+    const positives = clickedRegions ? positiveClicks(from.prompt) : undefined;
+    const rle = await maskEncoder.encode(logits, image.height, image.width, positives, snapFor(image)?.imageId);
     const body = annotationBody(from, rle);
     if (!body) return;
     const saved = await api.createAnnotation(image.id, body);
@@ -409,7 +443,7 @@ function onMouseUp(e: MouseEvent): void {
   clearHover();
   setState(addPoint(state, x, y, label));
   if (reuse) {
-    setState(applyResult(state, state.promptVersion, full));
+    setState(applyResult(state, state.promptVersion, shown(full, state.prompt, state.image)));
     timings.click.push(performance.now() - t0);
   } else void decodePrompt(t0);
 }
@@ -529,6 +563,7 @@ function wireInput(): void {
 async function start(): Promise<void> {
   const serverStatus = await api.status().catch(() => null);
   clickedRegions = settings.clickedRegions ?? clickedRegionsFor(serverStatus?.model);
+  snapEdges = settings.snapEdges ?? snapEdgesFor(serverStatus?.model);
   decoder = createDecoder(serverStatus);
   wireInput();
   decoder
@@ -537,7 +572,7 @@ async function start(): Promise<void> {
       decoderReady = true;
       const threads = info.backend === "wasm" ? ` · ${info.numThreads} thread${info.numThreads > 1 ? "s" : ""}` : "";
       const graphs = `${info.fastPath ? " · prepared fast path" : ""}${info.previewGraph ? " + hover graph" : ""}`;
-      const status = `decoder: ${info.backend}${threads}${graphs}${clickedRegions ? " · clicked regions" : ""}`;
+      const status = `decoder: ${info.backend}${threads}${graphs}${snapEdges ? " · snapped edges" : ""}${clickedRegions ? " · clicked regions" : ""}`;
       view.setStatus(status);
       draw();
       void decoder.oneThreadWorkersReady().then((n) => n && view.setStatus(`${status} + ${n} × 1-thread worker`));

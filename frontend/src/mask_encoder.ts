@@ -1,7 +1,19 @@
 /** The page's side of mask.worker.ts: low-res logits -> full-resolution COCO RLE, as a promise. */
 import type { Rle } from "./types";
 
-export interface MaskRequest {
+export type MaskRequest = EncodeRequest | ImagePixels;
+
+/** The open image's pixels (RGBA, transferred), kept by the worker to snap masks' edges. */
+export interface ImagePixels {
+  type: "image";
+  imageId: number;
+  pixels: Uint8ClampedArray;
+  height: number;
+  width: number;
+}
+
+export interface EncodeRequest {
+  type: "encode";
   id: number;
   /** One token's [256 x 256] logits (transferred). */
   lowRes: Float32Array;
@@ -9,6 +21,8 @@ export interface MaskRequest {
   width: number;
   /** Positive clicks (image pixels): keep only the mask's regions that hold one ("clicked regions"); absent: the whole mask. */
   positives?: [number, number][];
+  /** Snap the mask's edges to the image of this id ("snap edges"; its pixels sent by `setImage`); absent: SAM's postprocessing. */
+  snapImageId?: number;
 }
 
 export interface MaskResponse {
@@ -33,16 +47,23 @@ export class MaskEncoder {
     };
   }
 
+  /** Hands the worker an image's RGBA pixels (transferred) for `encode`'s `snapImageId`. */
+  setImage(imageId: number, pixels: Uint8ClampedArray, height: number, width: number): void {
+    const req: ImagePixels = { type: "image", imageId, pixels, height, width };
+    this.worker.postMessage(req, [pixels.buffer]);
+  }
+
   /**
-   * SAM's postprocessing of `lowRes` to height x width, encoded as pycocotools does; with `positives`
-   * (image pixels), only the regions that hold one of them (mask_regions.ts).
+   * SAM's postprocessing of `lowRes` to height x width (or, with `snapImageId`, its edges snapped to that
+   * image: edge_snap.ts), encoded as pycocotools does; with `positives` (image pixels), only the regions
+   * that hold one of them (mask_regions.ts).
    */
-  encode(lowRes: Float32Array, height: number, width: number, positives?: [number, number][]): Promise<Rle> {
+  encode(lowRes: Float32Array, height: number, width: number, positives?: [number, number][], snapImageId?: number): Promise<Rle> {
     const id = this.nextId++;
     const copy = lowRes.slice();
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      const req: MaskRequest = { id, lowRes: copy, height, width, positives };
+      const req: EncodeRequest = { type: "encode", id, lowRes: copy, height, width, positives, snapImageId };
       this.worker.postMessage(req, [copy.buffer]);
     });
   }

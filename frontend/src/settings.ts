@@ -1,4 +1,4 @@
-/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&hoverpair=0&fast=0|1&regions=clicked|all). */
+/** Page settings from the URL (?backend=webgpu&threads=2&quantized=1&style=official&decoder=URL&image=ID&hover=0&hovergraph=0&secondworker=0&hoverpair=0&fast=0|1&regions=clicked|all&edges=snap|off). */
 import type { DecoderStyle, ExecutionBackend } from "./worker_protocol";
 
 export interface Settings {
@@ -25,12 +25,22 @@ export interface Settings {
    * (?regions=clicked) or stay whole (?regions=all); null: the model's default (`clickedRegionsFor`).
    */
   clickedRegions: boolean | null;
+  /** "Snap edges": answers' edges snapped to the image's colour edges (?edges=snap) or as the decoder gives
+   * them (?edges=off); null: the model's default (`snapEdgesFor`). */
+  snapEdges: boolean | null;
 }
 
 /** The default of the "clicked regions" setting for the server's model (/api/status "model"): on for the
  * embedded tiny model, whose answers also cover look-alike regions elsewhere, off for official SAM
  * checkpoints, whose answers may rightly hold several regions (an object split by an occluder). */
 export function clickedRegionsFor(model: unknown): boolean {
+  return model === "tiny";
+}
+
+/** The default of the "snap edges" setting for the server's model: on for the embedded tiny model, whose
+ * answers mark 4 x 4-pixel cells of the 256 frame, off for official SAM checkpoints, whose edges are the
+ * decoder's own (MODEL_CARD.md, "Snapped edges"). */
+export function snapEdgesFor(model: unknown): boolean {
   return model === "tiny";
 }
 
@@ -52,5 +62,6 @@ export function readSettings(search: string, hardwareConcurrency: number, crossO
     oneThreadWorkers: q.get("secondworker") === "0" ? 0 : q.get("hoverpair") === "0" ? 1 : 2,
     fastPath: q.get("fast") === "1" ? true : q.get("fast") === "0" ? false : null,
     clickedRegions: q.get("regions") === "clicked" ? true : q.get("regions") === "all" ? false : null,
+    snapEdges: q.get("edges") === "snap" ? true : q.get("edges") === "off" ? false : null,
   };
 }

@@ -146,6 +146,19 @@ export class View {
     return this.imageLoad;
   }
 
+  /** The loaded image's RGBA pixels at its natural size, or null when it is not `height` x `width` (e.g. an
+   * orientation the server and the browser read differently) or cannot be read. */
+  imagePixels(height: number, width: number): Uint8ClampedArray | null {
+    if (this.img.naturalWidth !== width || this.img.naturalHeight !== height) return null;
+    const c = document.createElement("canvas");
+    c.width = width;
+    c.height = height;
+    const ctx = c.getContext("2d", { willReadFrequently: true });
+    if (!ctx) return null;
+    ctx.drawImage(this.img, 0, 0);
+    return ctx.getImageData(0, 0, width, height).data;
+  }
+
   /** Sizes the stage to the largest box with the image's aspect ratio that fits the viewport. */
   layout(image: ImageInfo): void {
     const viewport = $("viewport");

@@ -115,7 +115,7 @@ export interface ResultMessage extends DecodeOutput {
 }
 
 /** The hover graph's outputs (trimask.export.hover_decoder.HOVER_OUTPUT_NAMES) the page uses. */
-export const HOVER_OUTPUTS = ["iou_predictions", "best_token", "display_mask"] as const;
+export const HOVER_OUTPUTS = ["iou_predictions", "best_token", "low_res_mask", "display_mask"] as const;
 
 /** One mask for a hover preview: the multimask candidate with the highest predicted IoU. */
 export interface Preview {
@@ -127,6 +127,9 @@ export interface Preview {
   display: Uint8Array;
   displayH: number;
   displayW: number;
+  /** Its logits over (at least) the valid part of the 256 x 256 frame, rows of `lowResW` values. */
+  lowRes: Float32Array;
+  lowResW: number;
 }
 
 export interface PreviewMessage extends Preview {

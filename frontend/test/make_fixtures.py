@@ -1,6 +1,6 @@
 """Writes fixtures/reference.json: torch's bilinear numerics, SAM's mask postprocessing,
-pycocotools' RLE strings and ``trimask eval``'s clicked regions, for the Vitest suite to compare the
-browser code against.
+pycocotools' RLE strings and ``trimask eval``'s clicked regions and snapped edges, for the Vitest suite
+to compare the browser code against.
 
 Run once with the project's venv (needs torch, numpy, pycocotools):
     .venv/bin/python frontend/test/make_fixtures.py
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from trimask.edge_snap import area_resize, guide_for, snap
 from trimask.training.evaluate import keep_clicked_regions
+from trimask.training.scenes import generate_scene
 
 
 def b64(a: np.ndarray) -> str:
@@ -111,6 +113,21 @@ def main() -> None:
         off = np.argwhere(~m)[0]
         regions.append(_regions_case(m, [(float(off[1]) + 0.5, float(off[0]) + 0.5), (-3.0, 2.0), (w + 1.0, 0.0)]))
     out["regions"] = regions
+
+    # Snapped edges: a crop of a generated scene (not square, so the guide covers part of the 256 frame)
+    # and the postprocessing's logits above, snapped at full resolution and at the display's size.
+    image = np.ascontiguousarray(generate_scene(12345).image[40:190, 20:220])
+    h, w = image.shape[:2]
+    dh, dw = preprocess_shape(h, w, 512)
+    guide = guide_for(image)
+    full = snap(low_res, image, guide)
+    display = snap(low_res, area_resize(image, dh, dw), guide, out_hw=(dh, dw))
+    out["snap"] = {
+        "h": h, "w": w, "image": b64(image),
+        "full": b64(np.packbits(full.ravel())), "full_area": int(full.sum()),
+        "dh": dh, "dw": dw, "display": b64(np.packbits(display.ravel())), "display_area": int(display.sum()),
+        "unsnapped_area": int(sam_postprocess(low_res, (h, w)).sum()),
+    }
 
     path = Path(__file__).parent / "fixtures" / "reference.json"
     path.write_text(json.dumps(out) + "\n")

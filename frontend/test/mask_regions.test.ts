@@ -76,7 +76,7 @@ describe("clicked regions", () => {
     expect(Array.from(out.display)).toEqual(Array.from(display)); // the decoder's output is left as it was
     expect(keepClickedRegions(out, [], 4, 8)).toBe(out);
 
-    const preview = { token: 1, iou: out.iou, display: display.slice(0, 8), displayH: 2, displayW: 4 };
+    const preview = { token: 1, iou: out.iou, display: display.slice(0, 8), displayH: 2, displayW: 4, lowRes: new Float32Array(0), lowResW: 0 };
     expect(Array.from(keepPreviewRegion(preview, 7.2, 0.5, 4, 8).display)).toEqual([0, 0, 0, 255, 0, 0, 0, 255]);
   });
 });

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { clickedRegionsFor, readSettings } from "../src/settings";
+import { clickedRegionsFor, readSettings, snapEdgesFor } from "../src/settings";
 
 describe("page settings", () => {
   it("uses every core when cross-origin isolated, one thread otherwise", () => {
@@ -31,5 +31,13 @@ describe("clicked regions setting", () => {
     expect(clickedRegionsFor("tiny")).toBe(true);
     expect(clickedRegionsFor("vit_b")).toBe(false);
     expect(clickedRegionsFor(undefined)).toBe(false);
+    expect(readSettings("", 2, true).snapEdges).toBeNull();
+    expect(readSettings("?edges=snap", 2, true).snapEdges).toBe(true);
+    expect(readSettings("?edges=off", 2, true).snapEdges).toBe(false);
+    expect(readSettings("?edges=1", 2, true).snapEdges).toBeNull();
+    expect(readSettings("?regions=all&edges=off", 2, true)).toMatchObject({ clickedRegions: false, snapEdges: false });
+    expect(snapEdgesFor("tiny")).toBe(true);
+    expect(snapEdgesFor("vit_h")).toBe(false);
+    expect(snapEdgesFor(null)).toBe(false);
   });
 });

@@ -193,6 +193,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="measure the answers to clicks as the browser shows them: 'clicked' keeps only the connected "
                    "regions that hold a positive click, 'all' the decoder's masks as they are (default: the browser's "
                    "default for the model, clicked for tiny, all for the others)")
+    e.add_argument("--edges", choices=("snap", "off"), default=None,
+                   help="measure every answer as the browser shows it: 'snap' moves its edges onto the image's colour "
+                   "edges (a guided filter), 'off' keeps the decoder's (default: the browser's default for the model, "
+                   "snap for tiny, off for the others)")
     e.set_defaults(func=run_eval)
 
     f = subparsers.add_parser(

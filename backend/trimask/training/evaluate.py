@@ -20,6 +20,9 @@ With ``regions=True`` the masks are measured as the browser shows them with its 
 (the default for ``tiny``): each answer to clicks keeps only its connected regions that hold a positive
 click (``keep_clicked_regions``), and the protocol's next click is placed on that mask. The previous low-res
 logits go back as ``mask_input`` as the decoder gave them, as the browser sends them.
+
+With ``edges=True`` every answer (clicks and boxes) is first snapped to the image's colour edges as the
+browser's "snap edges" setting shows it (the default for ``tiny``; ``trimask.edge_snap``), before the cut.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from trimask.edge_snap import guide_for, snap
 from trimask.models.sam import Sam
 from trimask.preprocess import get_preprocess_shape, preprocess
 from trimask.training.prompt_simulation import center_of_largest_error, noisy_box
@@ -50,6 +54,17 @@ def postprocess(low_res: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     up = F.interpolate(low_res, size=(IMAGE_FRAME, IMAGE_FRAME), mode="bilinear", align_corners=False)
     up = up[..., :nh, :nw]
     return F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False) > 0
+
+
+def answer_masks(low_res: torch.Tensor, hw: tuple[int, int], image: np.ndarray | None = None) -> np.ndarray:
+    """``N x K x 256 x 256`` logits -> ``N x K x H x W`` bool: SAM's postprocessing, or with ``image``
+    (the ``H x W x 3`` picture) each answer snapped to its edges as the browser's "snap edges" setting
+    shows it (``trimask.edge_snap.snap``)."""
+    if image is None:
+        return postprocess(low_res.cpu(), hw).numpy()
+    guide = guide_for(image)
+    lr = low_res.detach().cpu().numpy()
+    return np.stack([[snap(t, image, guide) for t in ans] for ans in lr])
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,9 +124,10 @@ def clicked_scenes(sam: Sam, scenes: Iterable[Scene], rng: np.random.Generator, 
 
 @torch.no_grad()
 def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: int = 0,
-                   regions: bool = False) -> dict[str, list[float]]:
+                   regions: bool = False, edges: bool = False) -> dict[str, list[float]]:
     """Per-click measurements on one scene (lists, to be averaged over scenes); ``regions``: the answers to
-    clicks as the browser's "clicked regions" setting shows them (``keep_clicked_regions``)."""
+    clicks as the browser's "clicked regions" setting shows them (``keep_clicked_regions``); ``edges``: every
+    answer snapped to the image's edges as the browser's "snap edges" setting shows it (``answer_masks``)."""
     rng = np.random.default_rng(seed)
     inst = click_instances(scene, clicks_per_scene, rng)
     res: dict[str, list[float]] = {k: [] for k in _metric_names()}
@@ -124,7 +140,8 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
     pts = torch.tensor(np.stack([to_frame(np.array([c]), hw) for c in clicks]), dtype=torch.float32)
     lbl = torch.ones(len(inst), 1)
     logits, iou_pred = decode(sam, emb, pts, lbl, None, None, True)
-    cands = postprocess(logits, hw).numpy()
+    image = scene.image if edges else None
+    cands = answer_masks(logits, hw, image)
     if regions:
         cands = np.stack([[keep_clicked_regions(m, [c]) for m in cs] for cs, c in zip(cands, clicks)])
     for n, levels in enumerate(inst):
@@ -137,21 +154,22 @@ def evaluate_scene(sam: Sam, scene: Scene, *, clicks_per_scene: int = 2, seed: i
         res["area_ordered"].append(float(areas[0] <= areas[1] <= areas[2]))
     # Interactive protocol for every level of every instance.
     targets = [levels[lv] for levels in inst for lv in range(3)]
-    for j, m in enumerate(box_answers(sam, emb, hw, targets, rng)):
+    for j, m in enumerate(box_answers(sam, emb, hw, targets, rng, image)):
         res[f"box_{LEVELS[j % 3]}"].append(_iou(m, targets[j]))
     first = first_answers(sam, emb, hw, targets)
-    for click, masks in enumerate(click_answers(sam, emb, hw, targets, first, regions=regions), 1):
+    for click, masks in enumerate(click_answers(sam, emb, hw, targets, first, regions=regions, image=image), 1):
         if click in CLICK_COUNTS:
             res[f"miou_{click}_clicks"].extend(_iou(m, t) for t, m in zip(targets, masks))
     return res
 
 
 def box_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray],
-                rng: np.random.Generator) -> np.ndarray:
-    """A tight box around each target, alone: the single-mask answers (``N x H x W`` bool)."""
+                rng: np.random.Generator, image: np.ndarray | None = None) -> np.ndarray:
+    """A tight box around each target, alone: the single-mask answers (``N x H x W`` bool); with ``image``
+    snapped to its edges (``answer_masks``)."""
     boxes = torch.tensor(np.stack([to_frame(noisy_box(t, rng, noise=0.0).reshape(2, 2), hw).reshape(4) for t in targets]),
                          dtype=torch.float32, device=emb.device)
-    return postprocess(decode(sam, emb, None, None, boxes, None, False)[0].cpu(), hw)[:, 0].numpy()
+    return answer_masks(decode(sam, emb, None, None, boxes, None, False)[0], hw, image)[:, 0]
 
 
 def first_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray]) -> torch.Tensor:
@@ -167,12 +185,14 @@ Answer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: list[np.ndarray], first: torch.Tensor,
-                  clicks: int = max(CLICK_COUNTS), answer: Answer | None = None, regions: bool = False) -> list[np.ndarray]:
+                  clicks: int = max(CLICK_COUNTS), answer: Answer | None = None, regions: bool = False,
+                  image: np.ndarray | None = None) -> list[np.ndarray]:
     """The standard protocol from the ``first`` answers (``first_answers``): each next click at the
     centre of the largest error region, single-mask output with the previous logits as the mask input.
     Returns the masks after each of ``clicks`` clicks (``N x H x W`` bool each; the first is ``first``'s).
     ``answer(click, points, labels, previous logits)`` gives a click's logits in place of the decoder.
-    ``regions``: each mask keeps only its regions that hold a positive click (``keep_clicked_regions``)."""
+    ``regions``: each mask keeps only its regions that hold a positive click (``keep_clicked_regions``);
+    ``image``: each answer snapped to its edges first (``answer_masks``)."""
     if answer is None:
         answer = lambda click, pt, lb, prev: decode(sam, emb, pt, lb, None, prev, False)[0]  # noqa: E731
     points: list[list[tuple[float, float]]] = [[center_point(t)] for t in targets]
@@ -183,7 +203,7 @@ def click_answers(sam: Sam, emb: torch.Tensor, hw: tuple[int, int], targets: lis
             pt = torch.tensor(np.stack([to_frame(np.array(p), hw) for p in points]), dtype=torch.float32, device=emb.device)
             lb = torch.tensor(labels, dtype=torch.float32, device=emb.device)
             prev = answer(click, pt, lb, prev)
-        masks = postprocess(prev.cpu(), hw)[:, 0].numpy()
+        masks = answer_masks(prev, hw, image)[:, 0]
         if regions:
             masks = np.stack([keep_clicked_regions(m, [p for p, lb in zip(pi, li) if lb == 1])
                               for m, pi, li in zip(masks, points, labels)])
@@ -212,9 +232,11 @@ def evaluate(
     clicks_per_scene: int = 2,
     progress: Callable[[int], None] | None = None,
     regions: bool = False,
+    edges: bool = False,
 ) -> dict[str, float]:
     """Mean metrics over ``scenes`` held-out scenes (seeds EVAL_SEED_BASE + seed * 100000 + i), each in [0, 1];
-    ``regions``: the answers to clicks as the browser's "clicked regions" setting shows them.
+    ``regions``: the answers to clicks as the browser's "clicked regions" setting shows them; ``edges``: every
+    answer snapped to the image's edges as the browser's "snap edges" setting shows it.
 
     Also returns ``clicks`` (the number of clicked instances) and ``scenes``.
     """
@@ -223,7 +245,7 @@ def evaluate(
     for i in range(scenes):
         scene_seed = EVAL_SEED_BASE + seed * 100_000 + i
         r = evaluate_scene(sam, generate_scene(scene_seed), clicks_per_scene=clicks_per_scene, seed=scene_seed,
-                           regions=regions)
+                           regions=regions, edges=edges)
         for k, v in r.items():
             acc[k].extend(v)
         if progress:
@@ -242,6 +264,13 @@ def default_regions(model: str) -> str:
     return "clicked" if model == "tiny" else "all"
 
 
+def default_edges(model: str) -> str:
+    """The browser's default for the "snap edges" setting with ``model`` (frontend/src/settings.ts): ``snap``
+    for the embedded tiny model, whose answers mark 4 x 4-pixel cells of the decoder's 256 frame, ``off``
+    for official checkpoints."""
+    return "snap" if model == "tiny" else "off"
+
+
 def format_metrics(m: dict[str, float]) -> str:
     """A small table of the metrics for the terminal and the model card."""
     rows = [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()]
@@ -258,11 +287,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.scenes < 1:
         raise TrimaskError("--scenes must be at least 1.")
     regions = args.regions or default_regions(args.model)
+    edges = args.edges or default_edges(args.model)
     sam = build_sam(args.model, args.checkpoint)
     with tqdm(total=args.scenes, desc="eval", unit="scene", file=sys.stderr) as bar:
         metrics: dict = evaluate(sam, scenes=args.scenes, seed=args.seed, progress=bar.update,
-                                 regions=regions == "clicked")
+                                 regions=regions == "clicked", edges=edges == "snap")
     metrics["regions"] = regions
+    metrics["edges"] = edges
     print(format_metrics(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")

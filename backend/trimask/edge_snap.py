@@ -1,0 +1,105 @@
+"""Edge snapping: a mask's edges moved onto the image's colour edges by a guided filter.
+
+The embedded tiny model marks 4 x 4-pixel cells of the decoder's 256 x 256 mask frame, so a small
+region's edge can be a pixel or two off (most of its subparts' errors, MODEL_CARD.md). The guided
+filter (He, Sun and Tang, "Guided Image Filtering", with the subsampled form of "Fast Guided Filter")
+fits, in every window of the low-res frame, the mask's probability as a linear function of the
+image's colour, then evaluates the averaged fits at the output's own pixels, so the edge follows the
+image's colour edge at full resolution.
+
+- the guide: the image averaged down to the valid part of the low-res frame (``area_resize``, the
+  frame's ``newH x newW`` = ``get_preprocess_shape(h, w, 256)``), colours in [0, 1];
+- the input: the sigmoid of the decoder's low-res logits there;
+- windows of ``2r + 1`` cells clipped at the border (means over the pixels inside), ``eps`` the
+  regularizer (a colour step much below ``sqrt(eps)`` is smoothed over);
+- the answer: the averaged coefficients resized bilinearly (align_corners=False) to the output's size
+  and applied to the image at that size; inside where the result is above 0.5.
+
+The browser's ``frontend/src/edge_snap.ts`` computes the same numbers (its tests compare them with this
+module's on fixtures); ``trimask eval`` measures the answers with it when the page snaps them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from trimask.preprocess import get_preprocess_shape
+
+LOW_RES = 256
+RADIUS = 5
+EPS = 1e-3
+
+
+def area_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``H x W x C`` -> ``out_h x out_w x C`` float64, each output the mean of the input pixels in its
+    bin ``[floor(i * H / out_h), ceil((i + 1) * H / out_h))`` (torch's adaptive average pooling)."""
+    img = np.asarray(image, np.float64)
+    h, w = img.shape[:2]
+    ys = [(i * h // out_h, -(-(i + 1) * h // out_h)) for i in range(out_h)]
+    xs = [(j * w // out_w, -(-(j + 1) * w // out_w)) for j in range(out_w)]
+    cols = np.stack([img[:, a:b].mean(axis=1) for a, b in xs], axis=1)
+    return np.stack([cols[a:b].mean(axis=0) for a, b in ys], axis=0)
+
+
+def box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean of ``a`` (``H x W [x C]``) over the ``(2r + 1)``-square window around each pixel, clipped to
+    the array (divided by the pixels inside)."""
+    h, w = a.shape[:2]
+    s = np.zeros((h + 1, w + 1) + a.shape[2:])
+    s[1:, 1:] = a.cumsum(0).cumsum(1)
+    y0 = np.clip(np.arange(h) - r, 0, h)
+    y1 = np.clip(np.arange(h) + r + 1, 0, h)
+    x0 = np.clip(np.arange(w) - r, 0, w)
+    x1 = np.clip(np.arange(w) + r + 1, 0, w)
+    total = s[y1][:, x1] - s[y0][:, x1] - s[y1][:, x0] + s[y0][:, x0]
+    count = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).astype(np.float64)
+    return total / count.reshape(count.shape + (1,) * (a.ndim - 2))
+
+
+def guide_for(image: np.ndarray) -> np.ndarray:
+    """The guide of an ``H x W x 3`` uint8 image: its colours in [0, 1] on the frame's valid ``newH x newW``."""
+    h, w = image.shape[:2]
+    nh, nw = get_preprocess_shape(h, w, LOW_RES)
+    return area_resize(image[..., :3], nh, nw) / 255.0
+
+
+def coefficients(low_res: np.ndarray, guide: np.ndarray, r: int = RADIUS, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
+    """The guided filter's averaged coefficients on the guide's grid: ``A`` (``h x w x 3``) and ``B``
+    (``h x w``) with the snapped probability ``A . colour + B``. ``low_res``: the decoder's ``256 x 256``
+    logits (its valid part is the guide's size)."""
+    h, w = guide.shape[:2]
+    p = 1.0 / (1.0 + np.exp(-np.asarray(low_res, np.float64)[:h, :w]))
+    mean_i = box_mean(guide, r)
+    mean_p = box_mean(p, r)
+    cov_ip = box_mean(guide * p[..., None], r) - mean_i * mean_p[..., None]
+    var = box_mean(guide[..., :, None] * guide[..., None, :], r) - mean_i[..., :, None] * mean_i[..., None, :]
+    a = np.linalg.solve(var + eps * np.eye(3), cov_ip[..., None])[..., 0]
+    b = mean_p - (a * mean_i).sum(-1)
+    return box_mean(a, r), box_mean(b, r)
+
+
+def _bilinear(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Resize ``h x w [x C]`` to ``out_h x out_w`` like ``F.interpolate(bilinear, align_corners=False)``."""
+    def axis(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+    ylo, yhi, wy = axis(a.shape[0], out_h)
+    xlo, xhi, wx = axis(a.shape[1], out_w)
+    if a.ndim == 3:
+        wy, wx = wy[:, None], wx[:, None]
+    rows = a[ylo] * (1 - wy)[:, None] + a[yhi] * wy[:, None]
+    return rows[:, xlo] * (1 - wx) + rows[:, xhi] * wx
+
+
+def snap(low_res: np.ndarray, image: np.ndarray, guide: np.ndarray | None = None, out_hw: tuple[int, int] | None = None,
+         r: int = RADIUS, eps: float = EPS) -> np.ndarray:
+    """The decoder's ``256 x 256`` logits of one answer -> its edge-snapped mask (bool) at the image's
+    resolution, or at ``out_hw`` (``image`` then at that size already). ``guide``: ``guide_for`` of the
+    full image (computed when not given)."""
+    if guide is None:
+        guide = guide_for(image)
+    a, b = coefficients(low_res, guide, r, eps)
+    h, w = out_hw or image.shape[:2]
+    colour = np.asarray(image[..., :3], np.float64) / 255.0
+    return (_bilinear(a, h, w) * colour).sum(-1) + _bilinear(b, h, w) > 0.5
