@@ -68,31 +68,25 @@ export function areaResize(pixels: ArrayLike<number>, h: number, w: number, chan
   return { h: outH, w: outW, rgb };
 }
 
-/** Means of `c`-channel interleaved h x w data over the (2r + 1)-square window of each pixel, clipped to the array. */
+/** Means of `c`-channel interleaved h x w data over the (2r + 1)-square window of each pixel, clipped to the
+ * array: running sums along rows, then along columns (the window's count is the product of the two). */
 export function boxMean(src: Float64Array, h: number, w: number, c: number, r: number): Float64Array {
-  const W = w + 1;
-  const sums = new Float64Array((h + 1) * W * c);
+  const rows = new Float64Array(h * w * c);
+  const line = new Float64Array((Math.max(h, w) + 1) * c);
   for (let y = 0; y < h; y++) {
+    const base = y * w * c;
+    for (let x = 0; x < w; x++) for (let k = 0; k < c; k++) line[(x + 1) * c + k] = line[x * c + k] + src[base + x * c + k];
     for (let x = 0; x < w; x++) {
-      const o = ((y + 1) * W + x + 1) * c;
-      const left = ((y + 1) * W + x) * c;
-      const up = (y * W + x + 1) * c;
-      const diag = (y * W + x) * c;
-      const s = (y * w + x) * c;
-      for (let k = 0; k < c; k++) sums[o + k] = src[s + k] + sums[left + k] + sums[up + k] - sums[diag + k];
+      const x0 = Math.max(0, x - r), x1 = Math.min(w, x + r + 1);
+      for (let k = 0; k < c; k++) rows[base + x * c + k] = (line[x1 * c + k] - line[x0 * c + k]) / (x1 - x0);
     }
   }
   const out = new Float64Array(h * w * c);
-  for (let y = 0; y < h; y++) {
-    const y0 = Math.max(0, y - r);
-    const y1 = Math.min(h, y + r + 1);
-    for (let x = 0; x < w; x++) {
-      const x0 = Math.max(0, x - r);
-      const x1 = Math.min(w, x + r + 1);
-      const n = (y1 - y0) * (x1 - x0);
-      const a = (y1 * W + x1) * c, b = (y0 * W + x1) * c, d = (y1 * W + x0) * c, e = (y0 * W + x0) * c;
-      const o = (y * w + x) * c;
-      for (let k = 0; k < c; k++) out[o + k] = (sums[a + k] - sums[b + k] - sums[d + k] + sums[e + k]) / n;
+  for (let x = 0; x < w; x++) {
+    for (let y = 0; y < h; y++) for (let k = 0; k < c; k++) line[(y + 1) * c + k] = line[y * c + k] + rows[(y * w + x) * c + k];
+    for (let y = 0; y < h; y++) {
+      const y0 = Math.max(0, y - r), y1 = Math.min(h, y + r + 1);
+      for (let k = 0; k < c; k++) out[(y * w + x) * c + k] = (line[y1 * c + k] - line[y0 * c + k]) / (y1 - y0);
     }
   }
   return out;
@@ -196,44 +190,53 @@ function axis(inSize: number, outSize: number): { lo: Int32Array; hi: Int32Array
 }
 
 /**
- * Applies the fits at every pixel of an outH x outW output whose colours `colour(i, j, out)` writes
- * (0-1, RGB) and calls `set(i, j)` for each pixel inside (probability > 0.5). Returns how many were inside.
+ * Applies the fits at every pixel of an outH x outW output whose colours are `src` (row-major, `channels`
+ * values a pixel, multiplied by `scale` to give 0-1 RGB) and marks the pixels inside (probability > 0.5)
+ * in `out` (`value` at `offset` + row-major index, or column-major with `columnMajor`). Returns how many.
  */
-function apply(coef: Coefficients, outH: number, outW: number, colour: (i: number, j: number, out: Float64Array) => void,
-  set: (i: number, j: number) => void): number {
+function apply(coef: Coefficients, outH: number, outW: number, src: ArrayLike<number>, channels: number, scale: number,
+  out: Uint8Array, offset: number, value: number, columnMajor: boolean): number {
   const ax = axis(coef.w, outW);
   const ay = axis(coef.h, outH);
-  // Rows of the four coefficient maps resized along x, for the two source rows an output row reads.
-  const rowAt = (y: number): Float64Array => {
-    const row = new Float64Array(outW * 4);
+  // A coefficient row (a0 a1 a2 b per output column) resized along x.
+  const rowAt = (y: number, row: Float64Array): Float64Array => {
     for (let j = 0; j < outW; j++) {
       const l = y * coef.w + ax.lo[j];
       const r = y * coef.w + ax.hi[j];
       const t = ax.t[j];
-      for (let k = 0; k < 3; k++) row[4 * j + k] = coef.a[3 * l + k] * (1 - t) + coef.a[3 * r + k] * t;
+      row[4 * j] = coef.a[3 * l] * (1 - t) + coef.a[3 * r] * t;
+      row[4 * j + 1] = coef.a[3 * l + 1] * (1 - t) + coef.a[3 * r + 1] * t;
+      row[4 * j + 2] = coef.a[3 * l + 2] * (1 - t) + coef.a[3 * r + 2] * t;
       row[4 * j + 3] = coef.b[l] * (1 - t) + coef.b[r] * t;
     }
     return row;
   };
-  const cache = new Map<number, Float64Array>();
-  const rgb = new Float64Array(3);
+  let topY = -1, bottomY = -1;
+  let top = new Float64Array(outW * 4);
+  let bottom = new Float64Array(outW * 4);
   let inside = 0;
   for (let i = 0; i < outH; i++) {
-    for (const y of cache.keys()) if (y < ay.lo[i]) cache.delete(y);
-    const top = cache.get(ay.lo[i]) ?? rowAt(ay.lo[i]);
-    cache.set(ay.lo[i], top);
-    const bottom = cache.get(ay.hi[i]) ?? rowAt(ay.hi[i]);
-    cache.set(ay.hi[i], bottom);
-    const t = ay.t[i];
-    for (let j = 0; j < outW; j++) {
-      colour(i, j, rgb);
-      let q = 0;
-      for (let k = 0; k < 4; k++) {
-        const v = top[4 * j + k] * (1 - t) + bottom[4 * j + k] * t;
-        q += k < 3 ? v * rgb[k] : v;
-      }
+    const y0 = ay.lo[i], y1 = ay.hi[i];
+    if (topY !== y0) {
+      if (bottomY === y0) [top, bottom] = [bottom, top];
+      else rowAt(y0, top);
+      topY = y0;
+      bottomY = -1;
+    }
+    if (bottomY !== y1) {
+      rowAt(y1, bottom);
+      bottomY = y1;
+    }
+    const t = ay.t[i], u = 1 - t;
+    let k = i * outW * channels;
+    for (let j = 0; j < outW; j++, k += channels) {
+      const q =
+        (top[4 * j] * u + bottom[4 * j] * t) * src[k] * scale +
+        (top[4 * j + 1] * u + bottom[4 * j + 1] * t) * src[k + 1] * scale +
+        (top[4 * j + 2] * u + bottom[4 * j + 2] * t) * src[k + 2] * scale +
+        (top[4 * j + 3] * u + bottom[4 * j + 3] * t);
       if (q > 0.5) {
-        set(i, j);
+        out[offset + (columnMajor ? j * outH + i : i * outW + j)] = value;
         inside++;
       }
     }
@@ -244,26 +247,15 @@ function apply(coef: Coefficients, outH: number, outW: number, colour: (i: numbe
 /** One answer snapped at the output `colours` (e.g. the display's size): a row-major 0/255 mask written
  * into `out` at `offset`; returns how many pixels are inside. */
 export function snapInto(coef: Coefficients, colours: Colours, out: Uint8Array, offset = 0): number {
-  const { h, w, rgb } = colours;
-  out.fill(0, offset, offset + h * w);
-  return apply(coef, h, w, (i, j, c) => {
-    const k = 3 * (i * w + j);
-    c[0] = rgb[k];
-    c[1] = rgb[k + 1];
-    c[2] = rgb[k + 2];
-  }, (i, j) => (out[offset + i * w + j] = 255));
+  out.fill(0, offset, offset + colours.h * colours.w);
+  return apply(coef, colours.h, colours.w, colours.rgb, 3, 1, out, offset, 255, false);
 }
 
 /** One answer snapped at the full image (`pixels`, height x width, `channels` bytes a pixel): a column-major
  * mask, as SAM's postprocessing gives it unsnapped (mask_postprocess.ts). */
 export function snapFull(coef: Coefficients, pixels: ArrayLike<number>, height: number, width: number, channels = 4): ColumnMajorMask {
   const data = new Uint8Array(height * width);
-  apply(coef, height, width, (i, j, c) => {
-    const k = (i * width + j) * channels;
-    c[0] = pixels[k] / 255;
-    c[1] = pixels[k + 1] / 255;
-    c[2] = pixels[k + 2] / 255;
-  }, (i, j) => (data[j * height + i] = 1));
+  apply(coef, height, width, pixels, channels, 1 / 255, data, 0, 1, true);
   return { height, width, data };
 }
 
@@ -283,16 +275,16 @@ export function imageSnap(imageId: number, pixels: ArrayLike<number>, height: nu
   return { imageId, guide: makeGuide(pixels, height, width), display: areaResize(pixels, height, width, 4, dh, dw) };
 }
 
-/** A decode's output with every token's display mask snapped (areas measured again on them); the low-res
- * logits stay as the decoder gave them (they go back as the next click's mask input). Unchanged when the
- * display's size is not the one `snap` was made for. */
-export function snapOutput<T extends DecodeOutput>(out: T, snap: ImageSnap): T {
+/** A decode's output with the display masks of `tokens` (those the page shows: 1-3 for a single click, 0
+ * otherwise) snapped and their areas measured again; the low-res logits stay as the decoder gave them (they
+ * go back as the next click's mask input). Unchanged when the display's size is not the one `snap` was made for. */
+export function snapOutput<T extends DecodeOutput>(out: T, snap: ImageSnap, tokens = [0, 1, 2, 3]): T {
   const { displayH: h, displayW: w } = out;
   if (h !== snap.display.h || w !== snap.display.w) return out;
-  const display = new Uint8Array(out.display.length);
+  const display = out.display.slice();
   const areas = out.areas.slice();
   const frame = SNAP_LOW_RES * SNAP_LOW_RES;
-  for (let t = 0; t < areas.length; t++) {
+  for (const t of tokens) {
     const coef = coefficients(out.lowRes.subarray(t * frame, (t + 1) * frame), SNAP_LOW_RES, snap.guide);
     areas[t] = snapInto(coef, snap.display, display, t * h * w) / (h * w);
   }

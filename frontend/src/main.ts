@@ -17,6 +17,7 @@ import {
   clearPrompt,
   createSession,
   deleteObject,
+  isMultimask,
   isPromptEmpty,
   LOW_RES_PIXELS,
   objectSaved,
@@ -207,7 +208,7 @@ function snapFor(image: ImageInfo): ImageSnap | null {
  * (each when its setting is on). */
 function shown<T extends DecodeOutput>(raw: T, prompt: PromptStep, image: ImageInfo): T {
   const snap = snapFor(image);
-  const snapped = snap ? snapOutput(raw, snap) : raw;
+  const snapped = snap ? snapOutput(raw, snap, isMultimask(prompt) ? [1, 2, 3] : [0]) : raw;
   return clickedRegions ? keepClickedRegions(snapped, positiveClicks(prompt), image.height, image.width) : snapped;
 }
 

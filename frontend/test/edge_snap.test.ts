@@ -131,6 +131,9 @@ describe("snapped edges", () => {
     expect(snapped.areas[1]).toBeCloseTo(0.5, 5);
     for (let t = 0; t < 4; t++) expect(snapped.areas[t]).toBeCloseTo(count(snapped.display.subarray(t * dh * dw, (t + 1) * dh * dw)) / (dh * dw), 6);
     expect(snapOutput({ ...out, displayH: dh - 1 }, snap).display).toBe(out.display); // another size: unchanged
+    const shown = snapOutput(out, snap, [1, 2, 3]); // the tokens a click shows: token 0 left as it was
+    expect(Buffer.from(shown.display).equals(Buffer.from(snapped.display.map((v, i) => (i < dh * dw ? 0 : v))))).toBe(true);
+    expect(shown.areas[0]).toBe(out.areas[0]);
 
     // The hover graph's logits are a crop of the frame (rows of 132 here): the same answer as the full frame's.
     const whole = leftOf(h, w, 97);
