@@ -69,24 +69,37 @@ export function areaResize(pixels: ArrayLike<number>, h: number, w: number, chan
 }
 
 /** Means of `c`-channel interleaved h x w data over the (2r + 1)-square window of each pixel, clipped to the
- * array: running sums along rows, then along columns (the window's count is the product of the two). */
+ * array: sliding sums along rows, then down the columns (row by row, so memory is read in order; the
+ * window's count is the product of the two clipped extents). */
 export function boxMean(src: Float64Array, h: number, w: number, c: number, r: number): Float64Array {
   const rows = new Float64Array(h * w * c);
-  const line = new Float64Array((Math.max(h, w) + 1) * c);
+  const sum = new Float64Array(c);
   for (let y = 0; y < h; y++) {
     const base = y * w * c;
-    for (let x = 0; x < w; x++) for (let k = 0; k < c; k++) line[(x + 1) * c + k] = line[x * c + k] + src[base + x * c + k];
+    sum.fill(0);
+    for (let x = 0; x <= Math.min(r, w - 1); x++) for (let k = 0; k < c; k++) sum[k] += src[base + x * c + k];
     for (let x = 0; x < w; x++) {
-      const x0 = Math.max(0, x - r), x1 = Math.min(w, x + r + 1);
-      for (let k = 0; k < c; k++) rows[base + x * c + k] = (line[x1 * c + k] - line[x0 * c + k]) / (x1 - x0);
+      const n = Math.min(w, x + r + 1) - Math.max(0, x - r);
+      for (let k = 0; k < c; k++) rows[base + x * c + k] = sum[k] / n;
+      if (x + r + 1 < w) for (let k = 0; k < c; k++) sum[k] += src[base + (x + r + 1) * c + k];
+      if (x - r >= 0) for (let k = 0; k < c; k++) sum[k] -= src[base + (x - r) * c + k];
     }
   }
   const out = new Float64Array(h * w * c);
-  for (let x = 0; x < w; x++) {
-    for (let y = 0; y < h; y++) for (let k = 0; k < c; k++) line[(y + 1) * c + k] = line[y * c + k] + rows[(y * w + x) * c + k];
-    for (let y = 0; y < h; y++) {
-      const y0 = Math.max(0, y - r), y1 = Math.min(h, y + r + 1);
-      for (let k = 0; k < c; k++) out[(y * w + x) * c + k] = (line[y1 * c + k] - line[y0 * c + k]) / (y1 - y0);
+  const line = w * c;
+  const cols = new Float64Array(line);
+  for (let y = 0; y <= Math.min(r, h - 1); y++) for (let i = 0; i < line; i++) cols[i] += rows[y * line + i];
+  for (let y = 0; y < h; y++) {
+    const n = Math.min(h, y + r + 1) - Math.max(0, y - r);
+    const o = y * line;
+    for (let i = 0; i < line; i++) out[o + i] = cols[i] / n;
+    if (y + r + 1 < h) {
+      const add = (y + r + 1) * line;
+      for (let i = 0; i < line; i++) cols[i] += rows[add + i];
+    }
+    if (y - r >= 0) {
+      const sub = (y - r) * line;
+      for (let i = 0; i < line; i++) cols[i] -= rows[sub + i];
     }
   }
   return out;
@@ -129,12 +142,12 @@ export function makeGuide(pixels: ArrayLike<number>, imageH: number, imageW: num
   return { colours, mean, inverse };
 }
 
-/** The averaged linear fits of one answer on the guide's grid: probability = a . colour + b. */
+/** The averaged linear fits of one answer on the guide's grid: probability = a . colour + b, stored per
+ * cell as a0 a1 a2 b. */
 export interface Coefficients {
   h: number;
   w: number;
-  a: Float64Array;
-  b: Float64Array;
+  ab: Float64Array;
 }
 
 /** The fits for one answer's logits: rows of `stride` values (256 for the decoder's frame), the first
@@ -142,37 +155,35 @@ export interface Coefficients {
 export function coefficients(logits: Float32Array, stride: number, guide: Guide, r = SNAP_RADIUS): Coefficients {
   const { h, w, rgb: I } = guide.colours;
   const n = h * w;
-  const p = new Float64Array(n);
-  const ip = new Float64Array(n * 3);
+  const pip = new Float64Array(n * 4); // p, p I
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       const i = y * w + x;
       const v = 1 / (1 + Math.exp(-logits[y * stride + x]));
-      p[i] = v;
-      ip[3 * i] = I[3 * i] * v;
-      ip[3 * i + 1] = I[3 * i + 1] * v;
-      ip[3 * i + 2] = I[3 * i + 2] * v;
+      pip[4 * i] = v;
+      pip[4 * i + 1] = I[3 * i] * v;
+      pip[4 * i + 2] = I[3 * i + 1] * v;
+      pip[4 * i + 3] = I[3 * i + 2] * v;
     }
   }
-  const meanP = boxMean(p, h, w, 1, r);
-  const meanIp = boxMean(ip, h, w, 3, r);
-  const a = new Float64Array(n * 3);
-  const b = new Float64Array(n);
+  const means = boxMean(pip, h, w, 4, r);
+  const ab = new Float64Array(n * 4); // a0 a1 a2 b
   const { mean, inverse: M } = guide;
   for (let i = 0; i < n; i++) {
-    const c0 = meanIp[3 * i] - mean[3 * i] * meanP[i];
-    const c1 = meanIp[3 * i + 1] - mean[3 * i + 1] * meanP[i];
-    const c2 = meanIp[3 * i + 2] - mean[3 * i + 2] * meanP[i];
+    const mp = means[4 * i];
+    const c0 = means[4 * i + 1] - mean[3 * i] * mp;
+    const c1 = means[4 * i + 2] - mean[3 * i + 1] * mp;
+    const c2 = means[4 * i + 3] - mean[3 * i + 2] * mp;
     const m = 9 * i;
     const a0 = M[m] * c0 + M[m + 1] * c1 + M[m + 2] * c2;
     const a1 = M[m + 3] * c0 + M[m + 4] * c1 + M[m + 5] * c2;
     const a2 = M[m + 6] * c0 + M[m + 7] * c1 + M[m + 8] * c2;
-    a[3 * i] = a0;
-    a[3 * i + 1] = a1;
-    a[3 * i + 2] = a2;
-    b[i] = meanP[i] - (a0 * mean[3 * i] + a1 * mean[3 * i + 1] + a2 * mean[3 * i + 2]);
+    ab[4 * i] = a0;
+    ab[4 * i + 1] = a1;
+    ab[4 * i + 2] = a2;
+    ab[4 * i + 3] = mp - (a0 * mean[3 * i] + a1 * mean[3 * i + 1] + a2 * mean[3 * i + 2]);
   }
-  return { h, w, a: boxMean(a, h, w, 3, r), b: boxMean(b, h, w, 1, r) };
+  return { h, w, ab: boxMean(ab, h, w, 4, r) };
 }
 
 /** Bilinear source indices and weights (align_corners=False) in float64, like trimask.edge_snap. */
@@ -200,14 +211,15 @@ function apply(coef: Coefficients, outH: number, outW: number, src: ArrayLike<nu
   const ay = axis(coef.h, outH);
   // A coefficient row (a0 a1 a2 b per output column) resized along x.
   const rowAt = (y: number, row: Float64Array): Float64Array => {
+    const ab = coef.ab;
     for (let j = 0; j < outW; j++) {
-      const l = y * coef.w + ax.lo[j];
-      const r = y * coef.w + ax.hi[j];
-      const t = ax.t[j];
-      row[4 * j] = coef.a[3 * l] * (1 - t) + coef.a[3 * r] * t;
-      row[4 * j + 1] = coef.a[3 * l + 1] * (1 - t) + coef.a[3 * r + 1] * t;
-      row[4 * j + 2] = coef.a[3 * l + 2] * (1 - t) + coef.a[3 * r + 2] * t;
-      row[4 * j + 3] = coef.b[l] * (1 - t) + coef.b[r] * t;
+      const l = 4 * (y * coef.w + ax.lo[j]);
+      const r = 4 * (y * coef.w + ax.hi[j]);
+      const t = ax.t[j], u = 1 - t;
+      row[4 * j] = ab[l] * u + ab[r] * t;
+      row[4 * j + 1] = ab[l + 1] * u + ab[r + 1] * t;
+      row[4 * j + 2] = ab[l + 2] * u + ab[r + 2] * t;
+      row[4 * j + 3] = ab[l + 3] * u + ab[r + 3] * t;
     }
     return row;
   };
