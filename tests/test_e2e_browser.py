@@ -387,6 +387,22 @@ class Annotator:
         self.open(record["id"])
         return len(self.server_annotations(record["id"]))
 
+    def open_with(self, record: dict, query: str) -> str:
+        """Opens the image with page options (``query``, e.g. ``edges=off``); returns the status line once
+        the decoder has written it."""
+        self.page.goto(f"{self.base}/?image={record['id']}&{query}")
+        self.wait_ready(record["id"])
+        self.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
+        return self.page.inner_text("[data-testid=status]")
+
+    def save_click(self, record: dict, x: float, y: float, level: str, count: int) -> dict:
+        """Clicks (x, y), chooses ``level`` of the three candidates and saves it; returns the saved object
+        once the server holds ``count``."""
+        self.click(record, x, y)
+        self.wait_candidates(3)
+        self.page.keyboard.press(LEVEL_KEYS[level])
+        return self.accept(record, count)
+
     def accept(self, record: dict, count: int) -> dict:
         """Enter, then waits until the server holds `count` objects; returns the newest."""
         self.page.keyboard.press("Enter")
@@ -622,13 +638,8 @@ def test_clicked_regions_cut_an_answer_to_the_clicked_region_unless_the_url_says
     hw = (record["height"], record["width"])
     x, y = images["shapes"]["regions_point"]
     start = len(a.server_annotations(record["id"]))
-    a.page.goto(f"{a.base}/?image={record['id']}&edges=off")
-    a.wait_ready(record["id"])
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('clicked regions')")
-    a.click(record, x, y)
-    a.wait_candidates(3)
-    a.page.keyboard.press(LEVEL_KEYS["subpart"])
-    cut = a.accept(record, start + 1)
+    assert "clicked regions" in a.open_with(record, "edges=off")
+    cut = a.save_click(record, x, y, "subpart", start + 1)
     check_parity(python_decoder, record, cut, edges=False)
     points = cut["prompt"]["points"]
     out = python_decoder.run(record["id"], hw, points, [1])
@@ -638,14 +649,8 @@ def test_clicked_regions_cut_an_answer_to_the_clicked_region_unless_the_url_says
     assert (got <= raw).all() and got.sum() < raw.sum(), "the specks away from the click are cut"
     assert got[int(points[0][1]), int(points[0][0])]
 
-    a.page.goto(f"{a.base}/?image={record['id']}&regions=all&edges=off")
-    a.wait_ready(record["id"])
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
-    assert "clicked regions" not in a.page.inner_text("[data-testid=status]")
-    a.click(record, x, y)
-    a.wait_candidates(3)
-    a.page.keyboard.press(LEVEL_KEYS["subpart"])
-    whole = a.accept(record, start + 2)
+    assert "clicked regions" not in a.open_with(record, "regions=all&edges=off")
+    whole = a.save_click(record, x, y, "subpart", start + 2)
     assert iou(rle_to_mask(whole["segmentation"]), raw) >= 0.999
     assert_no_console_errors(a)
 
@@ -663,12 +668,9 @@ def test_snapped_edges_fit_the_scene_unless_the_url_says_off(annotator, server, 
     record = server["images"]["scene"]
     hw = (record["height"], record["width"])
     x, y = images["scene"]["point"]
-    start = a.start_on(record)
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('snapped edges')")
-    a.click(record, x, y)
-    a.wait_candidates(3)
-    a.page.keyboard.press(LEVEL_KEYS["part"])
-    snapped = a.accept(record, start + 1)
+    start = len(a.server_annotations(record["id"]))
+    assert "snapped edges" in a.open_with(record, "")
+    snapped = a.save_click(record, x, y, "part", start + 1)
     check_parity(python_decoder, record, snapped)
     points = snapped["prompt"]["points"]
     out = python_decoder.run(record["id"], hw, points, [1])
@@ -677,14 +679,8 @@ def test_snapped_edges_fit_the_scene_unless_the_url_says_off(annotator, server, 
     got = rle_to_mask(snapped["segmentation"])
     assert iou(got, part) > iou(decoders, part) + 0.01, (iou(got, part), iou(decoders, part))
 
-    a.page.goto(f"{a.base}/?image={record['id']}&edges=off")
-    a.wait_ready(record["id"])
-    a.page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('decoder:')")
-    assert "snapped edges" not in a.page.inner_text("[data-testid=status]")
-    a.click(record, x, y)
-    a.wait_candidates(3)
-    a.page.keyboard.press(LEVEL_KEYS["part"])
-    off = a.accept(record, start + 2)
+    assert "snapped edges" not in a.open_with(record, "edges=off")
+    off = a.save_click(record, x, y, "part", start + 2)
     assert iou(rle_to_mask(off["segmentation"]), decoders) >= 0.999
     assert_no_console_errors(a)
 
