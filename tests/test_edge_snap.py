@@ -45,6 +45,11 @@ def test_snap_moves_an_edge_onto_the_colour_edge_and_keeps_it_on_a_flat_image():
     assert far[:, :300].all() and not far[:, 300:].any()
     flat = np.full((h, w, 3), 128, np.uint8)
     assert abs(int(snap(_step(h, w, 316), flat).sum()) - int(raw.sum())) <= h
+    # A grey image (no channel axis) and an RGBA one snap as their RGB forms.
+    grey = img.mean(axis=2).astype(np.uint8)
+    assert (snap(_step(h, w, 316), grey) == snap(_step(h, w, 316), np.repeat(grey[..., None], 3, axis=2))).all()
+    rgba = np.concatenate([img, np.full((h, w, 1), 255, np.uint8)], axis=2)
+    assert (snap(_step(h, w, 316), rgba) == snap(_step(h, w, 316), img)).all()
 
 
 def test_snapped_answers_of_the_bundled_model_fit_a_scene_better():

@@ -55,11 +55,20 @@ def box_mean(a: np.ndarray, r: int) -> np.ndarray:
     return total / count.reshape(count.shape + (1,) * (a.ndim - 2))
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """An ``H x W``, ``H x W x 1``, ``H x W x 3`` or ``H x W x 4`` image as ``H x W x 3`` (grey repeated, alpha dropped),
+    as a canvas's RGBA pixels give it in the browser."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+
+
 def guide_for(image: np.ndarray) -> np.ndarray:
-    """The guide of an ``H x W x 3`` uint8 image: its colours in [0, 1] on the frame's valid ``newH x newW``."""
+    """The guide of an ``H x W [x C]`` uint8 image: its colours in [0, 1] on the frame's valid ``newH x newW``."""
     h, w = image.shape[:2]
     nh, nw = get_preprocess_shape(h, w, LOW_RES)
-    return area_resize(image[..., :3], nh, nw) / 255.0
+    return area_resize(_rgb(image), nh, nw) / 255.0
 
 
 def coefficients(low_res: np.ndarray, guide: np.ndarray, r: int = RADIUS, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
@@ -101,5 +110,5 @@ def snap(low_res: np.ndarray, image: np.ndarray, guide: np.ndarray | None = None
         guide = guide_for(image)
     a, b = coefficients(low_res, guide, r, eps)
     h, w = out_hw or image.shape[:2]
-    colour = np.asarray(image[..., :3], np.float64) / 255.0
+    colour = _rgb(image).astype(np.float64) / 255.0
     return (_bilinear(a, h, w) * colour).sum(-1) + _bilinear(b, h, w) > 0.5
