@@ -20,6 +20,8 @@ module's on fixtures); ``trimask eval`` measures the answers with it when the pa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from trimask.preprocess import get_preprocess_shape
@@ -64,26 +66,40 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
 
 
-def guide_for(image: np.ndarray) -> np.ndarray:
-    """The guide of an ``H x W [x C]`` uint8 image: its colours in [0, 1] on the frame's valid ``newH x newW``."""
+@dataclass(frozen=True)
+class Guide:
+    """What the filter needs of one image, made once for all its answers (the browser's ``makeGuide``):
+    its colours in [0, 1] on the frame's valid ``newH x newW``, their window means and the inverses of
+    their windows' colour covariances + eps I."""
+
+    colours: np.ndarray
+    mean: np.ndarray
+    inverse: np.ndarray
+    r: int
+    eps: float
+
+
+def guide_for(image: np.ndarray, r: int = RADIUS, eps: float = EPS) -> Guide:
+    """The guide of an ``H x W [x C]`` uint8 image."""
     h, w = image.shape[:2]
     nh, nw = get_preprocess_shape(h, w, LOW_RES)
-    return area_resize(_rgb(image), nh, nw) / 255.0
+    colours = area_resize(_rgb(image), nh, nw) / 255.0
+    mean = box_mean(colours, r)
+    var = box_mean(colours[..., :, None] * colours[..., None, :], r) - mean[..., :, None] * mean[..., None, :]
+    return Guide(colours, mean, np.linalg.inv(var + eps * np.eye(3)), r, eps)
 
 
-def coefficients(low_res: np.ndarray, guide: np.ndarray, r: int = RADIUS, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
+def coefficients(low_res: np.ndarray, guide: Guide) -> tuple[np.ndarray, np.ndarray]:
     """The guided filter's averaged coefficients on the guide's grid: ``A`` (``h x w x 3``) and ``B``
     (``h x w``) with the snapped probability ``A . colour + B``. ``low_res``: the decoder's ``256 x 256``
     logits (its valid part is the guide's size)."""
-    h, w = guide.shape[:2]
+    h, w = guide.colours.shape[:2]
     p = 1.0 / (1.0 + np.exp(-np.asarray(low_res, np.float64)[:h, :w]))
-    mean_i = box_mean(guide, r)
-    mean_p = box_mean(p, r)
-    cov_ip = box_mean(guide * p[..., None], r) - mean_i * mean_p[..., None]
-    var = box_mean(guide[..., :, None] * guide[..., None, :], r) - mean_i[..., :, None] * mean_i[..., None, :]
-    a = np.linalg.solve(var + eps * np.eye(3), cov_ip[..., None])[..., 0]
-    b = mean_p - (a * mean_i).sum(-1)
-    return box_mean(a, r), box_mean(b, r)
+    mean_p = box_mean(p, guide.r)
+    cov_ip = box_mean(guide.colours * p[..., None], guide.r) - guide.mean * mean_p[..., None]
+    a = np.einsum("...ij,...j->...i", guide.inverse, cov_ip)
+    b = mean_p - (a * guide.mean).sum(-1)
+    return box_mean(a, guide.r), box_mean(b, guide.r)
 
 
 def _bilinear(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -101,14 +117,14 @@ def _bilinear(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return rows[:, xlo] * (1 - wx) + rows[:, xhi] * wx
 
 
-def snap(low_res: np.ndarray, image: np.ndarray, guide: np.ndarray | None = None, out_hw: tuple[int, int] | None = None,
+def snap(low_res: np.ndarray, image: np.ndarray, guide: Guide | None = None, out_hw: tuple[int, int] | None = None,
          r: int = RADIUS, eps: float = EPS) -> np.ndarray:
     """The decoder's ``256 x 256`` logits of one answer -> its edge-snapped mask (bool) at the image's
     resolution, or at ``out_hw`` (``image`` then at that size already). ``guide``: ``guide_for`` of the
     full image (computed when not given)."""
-    if guide is None:
-        guide = guide_for(image)
-    a, b = coefficients(low_res, guide, r, eps)
+    if guide is None or (guide.r, guide.eps) != (r, eps):
+        guide = guide_for(image, r, eps)
+    a, b = coefficients(low_res, guide)
     h, w = out_hw or image.shape[:2]
     colour = _rgb(image).astype(np.float64) / 255.0
     return (_bilinear(a, h, w) * colour).sum(-1) + _bilinear(b, h, w) > 0.5

@@ -196,7 +196,7 @@ function readPixels(image: ImageInfo): void {
     return;
   }
   snapData = imageSnap(image.id, pixels, image.height, image.width);
-  maskEncoder.setImage(image.id, pixels, image.height, image.width);
+  maskEncoder.setImage(image.id, pixels, image.height, image.width, snapData.guide);
 }
 
 /** The open image's snap data when "snap edges" is on and it is for `image`. */

@@ -6,17 +6,17 @@
  * at full resolution (edge_snap.ts).
  */
 import { encodeMask } from "./coco_rle";
-import { coefficients, makeGuide, snapFull, SNAP_LOW_RES, type Guide } from "./edge_snap";
+import { coefficients, snapFull, SNAP_LOW_RES, type Guide } from "./edge_snap";
 import { postprocessLowRes } from "./mask_postprocess";
 import { keepClickedRegionsFull } from "./mask_regions";
 import type { MaskRequest, MaskResponse } from "./mask_encoder";
 
-let image: { imageId: number; pixels: Uint8ClampedArray; height: number; width: number; guide: Guide | null } | null = null;
+let image: { imageId: number; pixels: Uint8ClampedArray; height: number; width: number; guide: Guide } | null = null;
 
 self.onmessage = (event: MessageEvent<MaskRequest>) => {
   const req = event.data;
   if (req.type === "image") {
-    image = { imageId: req.imageId, pixels: req.pixels, height: req.height, width: req.width, guide: null };
+    image = { imageId: req.imageId, pixels: req.pixels, height: req.height, width: req.width, guide: req.guide };
     return;
   }
   const { id, lowRes, height, width, positives, snapImageId } = req;
@@ -27,7 +27,6 @@ self.onmessage = (event: MessageEvent<MaskRequest>) => {
       if (!image || image.imageId !== snapImageId || image.height !== height || image.width !== width) {
         throw new Error("the image's pixels for snapping its edges are missing");
       }
-      image.guide ??= makeGuide(image.pixels, height, width);
       mask = snapFull(coefficients(lowRes, SNAP_LOW_RES, image.guide), image.pixels, height, width);
     } else mask = postprocessLowRes(lowRes, height, width);
     if (positives?.length) keepClickedRegionsFull(mask, positives);

@@ -1,15 +1,18 @@
 /** The page's side of mask.worker.ts: low-res logits -> full-resolution COCO RLE, as a promise. */
+import type { Guide } from "./edge_snap";
 import type { Rle } from "./types";
 
 export type MaskRequest = EncodeRequest | ImagePixels;
 
-/** The open image's pixels (RGBA, transferred), kept by the worker to snap masks' edges. */
+/** The open image's pixels (RGBA, transferred) and the guide the page made of them, kept by the worker to
+ * snap masks' edges. */
 export interface ImagePixels {
   type: "image";
   imageId: number;
   pixels: Uint8ClampedArray;
   height: number;
   width: number;
+  guide: Guide;
 }
 
 export interface EncodeRequest {
@@ -47,9 +50,9 @@ export class MaskEncoder {
     };
   }
 
-  /** Hands the worker an image's RGBA pixels (transferred) for `encode`'s `snapImageId`. */
-  setImage(imageId: number, pixels: Uint8ClampedArray, height: number, width: number): void {
-    const req: ImagePixels = { type: "image", imageId, pixels, height, width };
+  /** Hands the worker an image's RGBA pixels (transferred) and their guide for `encode`'s `snapImageId`. */
+  setImage(imageId: number, pixels: Uint8ClampedArray, height: number, width: number, guide: Guide): void {
+    const req: ImagePixels = { type: "image", imageId, pixels, height, width, guide };
     this.worker.postMessage(req, [pixels.buffer]);
   }
 
